@@ -1,0 +1,112 @@
+"""Audio input: one contract for every stage.
+
+`load_audio(path)` always returns mono float32 samples at SAMPLE_RATE, in [-1, 1] for well-formed input.
+Decoding is libsndfile (via soundfile: WAV, FLAC, Ogg Vorbis/Opus, MP3 and more); resampling is
+torchaudio's band-limited sinc resampler, never naive interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SAMPLE_RATE = 16000  # Hz, the rate every model in this project consumes
+WIN_LENGTH = 400  # samples = 25 ms analysis window
+N_FFT = 400  # samples, FFT size (= window; 201 frequency bins)
+HOP_LENGTH = 160  # samples = 10 ms between feature frames
+MIN_DURATION_S = 0.05  # shorter input cannot yield a single model output frame
+AUDIO_EXTENSIONS = (".flac", ".wav", ".opus", ".ogg", ".mp3")
+
+
+def exact_div(x: int, y: int) -> int:
+    """Integer division that must be exact (a unit mistake otherwise goes unnoticed)."""
+    assert x % y == 0, f"{x} is not a multiple of {y}"
+    return x // y
+
+
+FRAMES_PER_SECOND = exact_div(SAMPLE_RATE, HOP_LENGTH)  # 100 feature frames per second
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; the message names the file and the problem."""
+
+
+def resample(wave: np.ndarray, orig_sr: int, new_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Band-limited resampling of mono float32 samples (torchaudio sinc interpolation)."""
+    if orig_sr == new_sr:
+        return wave.astype(np.float32, copy=False)
+    import torchaudio.functional as AF
+
+    g = math.gcd(int(orig_sr), int(new_sr))
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)),
+                      int(orig_sr) // g, int(new_sr) // g)
+    return out.numpy()
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """(N,) or (N, C) -> (N,) float32, channels averaged."""
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    return samples.astype(np.float32, copy=False)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read any common audio file as mono float32 at `sample_rate`.
+
+    Args:
+        path: WAV (8/16/24/32-bit int, 32/64-bit float), FLAC, Ogg Vorbis/Opus or MP3 file.
+        sample_rate: output rate in Hz.
+    Returns:
+        (N,) float32 samples.
+    Raises:
+        AudioError: missing, unreadable, empty, too short, or non-finite audio; the message names the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: no such file")
+    if p.is_dir():
+        raise AudioError(f"{p}: is a directory, not an audio file")
+    if not os.access(p, os.R_OK):
+        raise AudioError(f"{p}: permission denied")
+    if p.stat().st_size == 0:
+        raise AudioError(f"{p}: file is empty")
+    try:
+        samples, file_sr = sf.read(str(p), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise AudioError(f"{p}: cannot decode audio ({_short(e)})") from None
+    if samples.shape[0] == 0:
+        raise AudioError(f"{p}: contains no audio samples")
+    wave = to_mono(samples)
+    if not np.isfinite(wave).all():
+        raise AudioError(f"{p}: contains NaN or infinite samples")
+    if wave.shape[0] / file_sr < MIN_DURATION_S:
+        raise AudioError(
+            f"{p}: too short ({1000 * wave.shape[0] / file_sr:.0f} ms; need at least "
+            f"{1000 * MIN_DURATION_S:.0f} ms)")
+    return resample(wave, file_sr, sample_rate)
+
+
+def audio_duration(path: str | os.PathLike) -> float:
+    """Duration in seconds from the file header (no decoding)."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise AudioError(f"{path}: cannot read audio header ({_short(e)})") from None
+    return info.frames / info.samplerate
+
+
+def iter_chunks(wave: np.ndarray, chunk_samples: int) -> Iterator[np.ndarray]:
+    """Consecutive pieces of `chunk_samples` (the last may be shorter)."""
+    for start in range(0, len(wave), chunk_samples):
+        yield wave[start:start + chunk_samples]
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg.replace(f"Error opening {e!s}", "").strip()

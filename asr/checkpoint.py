@@ -1,0 +1,163 @@
+"""One checkpoint file: configs, weights, normalisation stats, vocabulary, training metadata.
+
+Files are read with `torch.load(weights_only=True)`, so a checkpoint can never run code, and written
+atomically (temporary file in the same folder, fsync, rename) so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .features import FeatureConfig, FeatureStats
+from .model import CTCModel, ModelConfig
+from .text import Vocab
+
+FORMAT = "asr-gru-ctc"
+FORMAT_VERSION = 1
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_OFFLINE_MODEL = MODELS_DIR / "bigru.pt"
+DEFAULT_STREAMING_MODEL = MODELS_DIR / "gru-stream.pt"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint of this project; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with everything needed to feed and read it."""
+
+    model: CTCModel
+    feature_config: FeatureConfig
+    stats: FeatureStats
+    vocab: Vocab
+    meta: dict = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem if self.path else "model"
+
+    @property
+    def frame_seconds(self) -> float:
+        """Seconds per model output frame."""
+        cfg = self.feature_config
+        return cfg.hop_length * self.model.cfg.subsampling / cfg.sample_rate
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file next to `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def make_checkpoint(model: CTCModel, feature_config: FeatureConfig, stats: FeatureStats,
+                    vocab: Vocab, meta: dict | None = None, half: bool = False, **extra) -> dict:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": model.cfg.to_dict(),
+        "feature_config": feature_config.to_dict(),
+        "feature_stats": stats.to_dict(),
+        "vocab": vocab.to_dict(),
+        "state_dict": state,
+        "meta": meta or {},
+        **extra,
+    }
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load and validate a checkpoint dict without executing any code from it."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such model file")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory, not a model file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: model file is empty")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{p}: refused: the file contains Python objects that could run code "
+                f"(only plain tensors and containers are accepted)") from None
+        raise CheckpointError(f"{p}: not a valid checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: not a readable checkpoint (truncated or foreign file: {first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not an {FORMAT} checkpoint of this project")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p}: checkpoint format version {version} is newer than this program supports "
+            f"({FORMAT_VERSION}); upgrade asr-gru")
+    for key in ("model_config", "feature_config", "feature_stats", "vocab", "state_dict"):
+        if key not in ckpt:
+            raise CheckpointError(f"{p}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str = "") -> LoadedModel:
+    try:
+        mcfg = ModelConfig(**ckpt["model_config"])
+        fcfg = FeatureConfig(**ckpt["feature_config"])
+        vocab = Vocab.from_dict(ckpt["vocab"])
+        stats = FeatureStats.from_dict(ckpt["feature_stats"])
+        model = CTCModel(mcfg)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        model.load_state_dict(state)
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: checkpoint does not match the model architecture ({first})") from None
+    if (len(vocab) != mcfg.vocab_size or stats.mean.shape[0] != fcfg.n_mels
+            or fcfg.n_mels != mcfg.n_mels):
+        raise CheckpointError(f"{path}: inconsistent vocabulary or feature sizes in checkpoint")
+    model.eval()
+    return LoadedModel(model, fcfg, stats, vocab, dict(ckpt.get("meta", {})), str(path))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Read a checkpoint file and return the model in eval mode on `device`."""
+    lm = model_from_checkpoint(read_checkpoint(path), str(path))
+    lm.model.to(device)
+    return lm
+
+
+def default_model_path(streaming: bool) -> Path:
+    return DEFAULT_STREAMING_MODEL if streaming else DEFAULT_OFFLINE_MODEL

@@ -1,0 +1,378 @@
+"""LibriSpeech-layout corpora: scanning into manifests, augmentation, duration-bucketed batches.
+
+A corpus is any folder holding, at any depth, `SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.<audio>` files and
+one `SPEAKER-CHAPTER.trans.txt` per chapter with lines `SPEAKER-CHAPTER-UTT TRANSCRIPT`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_duration, load_audio, resample
+from .features import FeatureConfig, FeatureStats, StatsAccumulator, log_mel
+from .text import Vocab, normalize_text
+
+_ID = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+-[A-Za-z0-9]+$")
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str
+    path: str  # absolute audio path
+    duration: float  # seconds
+    text: str  # normalised transcript
+
+
+@dataclass(frozen=True)
+class CorpusProblem:
+    file: str
+    line: int  # 1-based line in `file`; 0 when the problem is the file itself
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}" if self.line else f"{self.file}: {self.message}"
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be used as it is; the message lists the problems with file and line."""
+
+    def __init__(self, problems: Sequence[CorpusProblem], root: str = ""):
+        self.problems = list(problems)
+        shown = "\n  ".join(str(p) for p in self.problems[:20])
+        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        where = f" in {root}" if root else ""
+        super().__init__(f"{len(self.problems)} corpus problem(s){where} (use --skip-bad to skip them):"
+                         f"\n  {shown}{more}")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("ASR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "asr-gru")
+    return Path(base) / "manifests"
+
+
+def _fingerprint(root: Path, files: list[Path]) -> str:
+    h = hashlib.sha1(f"v{MANIFEST_VERSION}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def scan_corpus(root: str | os.PathLike, vocab: Vocab | None = None,
+                use_cache: bool = True) -> tuple[list[Utterance], list[CorpusProblem]]:
+    """All utterances under `root` and every problem found, each with file and line.
+
+    The manifest (id, path, duration, text) is cached per corpus and rebuilt whenever a transcript or
+    audio file is added, removed or changed. Problems: a transcript line without audio, audio without a
+    line, a malformed line, characters outside `vocab`, duplicate ids, unreadable audio.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise CorpusError([CorpusProblem(str(root), 0, "corpus folder does not exist")])
+    trans_files, audio_files = [], []
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            if n.endswith(".trans.txt"):
+                trans_files.append(Path(dirpath) / n)
+            elif n.lower().endswith(AUDIO_EXTENSIONS):
+                audio_files.append(Path(dirpath) / n)
+    trans_files.sort()
+    audio_files.sort()
+    if not trans_files:
+        raise CorpusError([CorpusProblem(str(root), 0, "no *.trans.txt transcripts found")])
+    key = _fingerprint(root, trans_files + audio_files)
+    cache = _cache_dir() / (hashlib.sha1(str(root).encode()).hexdigest()[:16] + ".json")
+    entries = None
+    if use_cache and cache.exists():
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                entries = data["entries"]
+        except (OSError, ValueError, KeyError):
+            entries = None
+    if entries is None:
+        entries = _build_entries(trans_files, audio_files)
+        if use_cache:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"key": key, "root": str(root), "entries": entries}))
+                os.replace(tmp, cache)
+            except OSError:
+                pass  # a read-only cache only costs a rescan
+    utts, problems = [], [CorpusProblem(**p) for p in entries["problems"]]
+    for u in entries["utterances"]:
+        text = u["text"]
+        if vocab is not None and vocab.unknown_chars(text):
+            bad = ", ".join(repr(c) for c in sorted(vocab.unknown_chars(text)))
+            problems.append(CorpusProblem(u["trans"], u["line"], f"{u['id']}: characters not in the vocabulary: {bad}"))
+            continue
+        utts.append(Utterance(u["id"], u["path"], u["duration"], text))
+    return utts, problems
+
+
+def _build_entries(trans_files: list[Path], audio_files: list[Path]) -> dict:
+    by_stem: dict[str, list[Path]] = {}
+    for a in audio_files:
+        by_stem.setdefault(str(a.parent / a.name.rsplit(".", 1)[0]), []).append(a)
+    used: set[Path] = set()
+    seen: dict[str, str] = {}
+    utterances, problems = [], []
+
+    def problem(f, line, msg):
+        problems.append(asdict(CorpusProblem(str(f), line, msg)))
+
+    for tf in trans_files:
+        try:
+            lines = tf.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            problem(tf, 0, f"cannot read transcript ({e})")
+            continue
+        for lineno, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            parts = raw.strip().split(maxsplit=1)
+            if len(parts) != 2 or not _ID.match(parts[0]):
+                problem(tf, lineno, f"malformed line (expected 'SPEAKER-CHAPTER-UTT TEXT'): {raw[:60]!r}")
+                continue
+            uid, text = parts
+            if uid in seen:
+                problem(tf, lineno, f"duplicate utterance id {uid} (first in {seen[uid]})")
+                continue
+            seen[uid] = str(tf)
+            candidates = by_stem.get(str(tf.parent / uid), [])
+            if not candidates:
+                problem(tf, lineno, f"{uid}: no audio file next to the transcript")
+                continue
+            audio = candidates[0]
+            used.update(candidates)
+            try:
+                duration = audio_duration(audio)
+            except AudioError as e:
+                problem(tf, lineno, str(e))
+                continue
+            norm = normalize_text(text)
+            if not norm:
+                problem(tf, lineno, f"{uid}: empty transcript")
+                continue
+            utterances.append({"id": uid, "path": str(audio), "duration": round(duration, 4),
+                               "text": norm, "trans": str(tf), "line": lineno})
+    for a in audio_files:
+        if a not in used:
+            problem(a, 0, "audio file has no transcript line")
+    return {"utterances": utterances, "problems": problems}
+
+
+def load_corpora(paths: Sequence[str], vocab: Vocab, skip_bad: bool) -> tuple[list[Utterance], int]:
+    """Scan several corpora; raise CorpusError on problems unless `skip_bad` (then count them)."""
+    utts, skipped = [], 0
+    for p in paths:
+        u, problems = scan_corpus(p, vocab)
+        if problems and not skip_bad:
+            raise CorpusError(problems, str(p))
+        skipped += len(problems)
+        utts.extend(u)
+    if not utts:
+        raise CorpusError([CorpusProblem(", ".join(paths), 0, "no usable utterances")])
+    return utts, skipped
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    speeds: tuple[float, ...] = (0.9, 1.0, 1.1)  # speed perturbation factors, chosen uniformly
+    gain_db: float = 6.0  # random gain in [-gain_db, +gain_db]
+    noise_prob: float = 0.5  # chance of additive noise
+    snr_db: tuple[float, float] = (10.0, 40.0)  # noise SNR range
+    freq_masks: int = 2  # SpecAugment frequency masks
+    freq_mask_bins: int = 15  # max width of each
+    time_masks: int = 2  # SpecAugment time masks (per 10 s, at least one)
+    time_mask_frames: int = 40  # max width of each
+    max_time_mask_ratio: float = 0.2  # time masks never cover more than this share of the input
+
+
+def perturb_wave(wave: np.ndarray, aug: AugmentConfig, g: torch.Generator) -> np.ndarray:
+    """Speed perturbation (resampling: tempo and pitch), gain and noise on the waveform."""
+    speed = aug.speeds[int(torch.randint(len(aug.speeds), (1,), generator=g))]
+    if speed != 1.0:
+        # playing `speed` times faster = reading the samples as if recorded at speed * rate
+        wave = resample(wave, int(round(SAMPLE_RATE * speed)), SAMPLE_RATE)
+    gain = 10 ** ((torch.rand(1, generator=g).item() * 2 - 1) * aug.gain_db / 20)
+    wave = wave * gain
+    if torch.rand(1, generator=g).item() < aug.noise_prob:
+        snr = aug.snr_db[0] + torch.rand(1, generator=g).item() * (aug.snr_db[1] - aug.snr_db[0])
+        power = float(np.mean(wave * wave)) + 1e-10
+        noise = torch.randn(len(wave), generator=g).numpy()
+        if torch.rand(1, generator=g).item() < 0.5:  # brown-ish noise half the time
+            noise = np.cumsum(noise)
+            noise -= np.convolve(noise, np.ones(401) / 401, mode="same")
+        noise *= math.sqrt(power / (float(np.mean(noise * noise)) + 1e-10) / 10 ** (snr / 10))
+        wave = wave + noise.astype(np.float32)
+    return wave.astype(np.float32)
+
+
+def spec_augment(feats: Tensor, aug: AugmentConfig, g: torch.Generator) -> Tensor:
+    """Frequency and time masks on normalised features (T, F); masked values are 0 (the mean)."""
+    t, f = feats.shape
+    feats = feats.clone()
+    for _ in range(aug.freq_masks):
+        w = int(torch.randint(aug.freq_mask_bins + 1, (1,), generator=g))
+        s = int(torch.randint(max(1, f - w), (1,), generator=g))
+        feats[:, s:s + w] = 0
+    n_time = max(1, round(aug.time_masks * t / 1000))
+    max_w = min(aug.time_mask_frames, int(aug.max_time_mask_ratio * t / n_time))
+    for _ in range(n_time):
+        if max_w < 1:
+            break
+        w = int(torch.randint(max_w + 1, (1,), generator=g))
+        s = int(torch.randint(max(1, t - w), (1,), generator=g))
+        feats[s:s + w] = 0
+    return feats
+
+
+# ----------------------------------------------------------------------------- dataset and batches
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Items are (index, augmentation seed) pairs from DurationBatchSampler -> (feats, targets, id)."""
+
+    def __init__(self, utts: Sequence[Utterance], vocab: Vocab, feature_config: FeatureConfig,
+                 stats: FeatureStats | None, augment: AugmentConfig | None = None):
+        self.utts = list(utts)
+        self.vocab = vocab
+        self.fcfg = feature_config
+        self.stats = stats
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def features(self, idx: int, seed: int | None = None) -> Tensor:
+        """(T, F) features of utterance idx, augmented when the dataset augments and a seed is given."""
+        u = self.utts[idx]
+        wave = load_audio(u.path, self.fcfg.sample_rate)
+        g = None
+        if self.augment is not None and seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            wave = perturb_wave(wave, self.augment, g)
+        feats = log_mel(wave, self.fcfg)
+        if self.stats is not None:
+            feats = self.stats.normalize(feats)
+        if g is not None:
+            feats = spec_augment(feats, self.augment, g)
+        return feats
+
+    def __getitem__(self, item: tuple[int, int | None]) -> tuple[Tensor, Tensor, str]:
+        idx, seed = item
+        feats = self.features(idx, seed)
+        targets = torch.tensor(self.vocab.encode(self.utts[idx].text), dtype=torch.long)
+        return feats, targets, self.utts[idx].id
+
+
+def collate(batch: list[tuple[Tensor, Tensor, str]]) -> dict:
+    """Pad to (B, T, F) with zeros; integer lengths, concatenated targets for CTC."""
+    feats = [b[0] for b in batch]
+    lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
+    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    targets = [b[1] for b in batch]
+    return {"feats": padded, "lengths": lengths, "targets": torch.cat(targets),
+            "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
+            "ids": [b[2] for b in batch]}
+
+
+class DurationBatchSampler:
+    """Batches of similar-length utterances filled up to `batch_seconds` of padded audio.
+
+    Every epoch's order is a pure function of (seed, epoch): utterances are shuffled within length
+    buckets, packed into batches, and the batches shuffled; with `weights` an utterance appears
+    floor(w) times plus once more with probability frac(w). With `world_size` > 1 rank r takes
+    batches r, r + world_size, ... of a list trimmed to a multiple of world_size.
+    """
+
+    def __init__(self, durations: Sequence[float], batch_seconds: float, seed: int = 0,
+                 weights: Sequence[float] | None = None, rank: int = 0, world_size: int = 1,
+                 n_buckets: int = 20, augment: bool = True):
+        self.durations = np.asarray(durations, dtype=np.float64)
+        self.batch_seconds = batch_seconds
+        self.seed = seed
+        self.weights = np.ones(len(durations)) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.rank, self.world_size = rank, world_size
+        self.n_buckets = n_buckets
+        self.augment = augment
+        self.epoch = 0
+        self.skip = 0  # batches of this epoch already consumed (resume)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """All ranks' batches of an epoch, as (utterance index, augmentation seed) pairs."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        idx = []
+        for i, w in enumerate(self.weights):
+            reps = int(math.floor(w)) + int(torch.rand(1, generator=g).item() < w - math.floor(w))
+            idx.extend([i] * reps)
+        idx = np.array(idx, dtype=np.int64)
+        perm = torch.randperm(len(idx), generator=g).numpy()
+        idx = idx[perm]
+        order = idx[np.argsort(self.durations[idx], kind="stable")]  # shuffled within equal lengths
+        buckets = np.array_split(order, min(self.n_buckets, max(1, len(order))))
+        batches = []
+        for bucket in buckets:
+            bucket = bucket[torch.randperm(len(bucket), generator=g).numpy()]
+            bucket = bucket[np.argsort(self.durations[bucket], kind="stable")]
+            cur, longest = [], 0.0
+            for i in bucket.tolist():
+                d = self.durations[i]
+                if cur and max(longest, d) * (len(cur) + 1) > self.batch_seconds:
+                    batches.append(cur)
+                    cur, longest = [], 0.0
+                cur.append(i)
+                longest = max(longest, d)
+            if cur:
+                batches.append(cur)
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[j] for j in order]
+        out = []
+        for b in batches:
+            seeds = torch.randint(2**31 - 1, (len(b),), generator=g).tolist()
+            out.append([(i, s if self.augment else None) for i, s in zip(b, seeds, strict=True)])
+        usable = len(out) - len(out) % self.world_size if self.world_size > 1 else len(out)
+        return out[:usable]
+
+    def rank_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        return self.epoch_batches(epoch)[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.rank_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        yield from self.rank_batches(self.epoch)[self.skip:]
+
+
+def feature_stats(dataset: SpeechDataset, max_utts: int = 1000, seed: int = 0) -> FeatureStats:
+    """Global mean/std of un-normalised log-mel over (a seeded sample of) the training data."""
+    n = len(dataset)
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=g)[:max_utts].tolist()
+    acc = StatsAccumulator(dataset.fcfg.n_mels)
+    for i in chosen:
+        wave = load_audio(dataset.utts[i].path, dataset.fcfg.sample_rate)
+        acc.add(log_mel(wave, dataset.fcfg))
+    return acc.stats()
+

@@ -1,0 +1,106 @@
+"""Greedy CTC decoding with word timings and confidences.
+
+Offline decoding is the streaming decoder fed everything at once, so the two cannot disagree:
+`GreedyCTCStream` carries the previous frame's best token across chunk boundaries (a token repeated
+across a boundary is emitted once) and extends the last emission while it repeats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .text import Vocab, word_spans
+
+
+@dataclass
+class Emission:
+    """One emitted CTC token and the output frames [start, end) where it was the best path."""
+
+    token: int
+    start: int  # first output frame
+    end: int  # one past the last frame of its run of repeats
+    logp_sum: float  # sum of its log-probabilities over the run
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logp_sum / (self.end - self.start))
+
+
+@dataclass
+class Word:
+    word: str
+    start: float  # seconds
+    end: float  # seconds
+    confidence: float  # 0..1, mean per-character posterior along the best path
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(start=round(self.start, 3), end=round(self.end, 3),
+                 confidence=round(self.confidence, 3))
+        return d
+
+
+@dataclass
+class GreedyCTCStream:
+    """Best-path CTC decoder over consecutive log-probability chunks."""
+
+    blank: int = 0
+    prev_token: int = 0  # best token of the last frame seen (blank at the start)
+    n_frames: int = 0  # output frames consumed so far
+    emissions: list[Emission] = field(default_factory=list)
+
+    def push(self, log_probs: Tensor) -> list[Emission]:
+        """Consume (T', V) log-probabilities; returns the emissions that started in this chunk."""
+        assert log_probs.ndim == 2, tuple(log_probs.shape)
+        if log_probs.shape[0] == 0:
+            return []
+        best_logp, best = log_probs.detach().float().max(dim=-1)
+        new: list[Emission] = []
+        for t, (tok, lp) in enumerate(zip(best.tolist(), best_logp.tolist(), strict=True)):
+            frame = self.n_frames + t
+            if tok != self.blank:
+                if tok == self.prev_token and self.emissions:
+                    last = self.emissions[-1]  # the same run continues
+                    last.end = frame + 1
+                    last.logp_sum += lp
+                else:
+                    e = Emission(tok, frame, frame + 1, lp)
+                    self.emissions.append(e)
+                    new.append(e)
+            self.prev_token = tok
+        self.n_frames += log_probs.shape[0]
+        return new
+
+    def reset(self) -> None:
+        self.prev_token = self.blank
+        self.n_frames = 0
+        self.emissions = []
+
+
+def emissions_to_words(emissions: list[Emission], vocab: Vocab, frame_seconds: float,
+                       offset_s: float = 0.0) -> list[Word]:
+    """Group character emissions into words with times (seconds) and confidences."""
+    chars = [vocab.tokens[e.token] for e in emissions]
+    words = []
+    for a, b in word_spans(chars):
+        span = emissions[a:b]
+        words.append(Word(
+            word="".join(chars[a:b]),
+            start=offset_s + span[0].start * frame_seconds,
+            end=offset_s + span[-1].end * frame_seconds,
+            confidence=sum(e.prob for e in span) / len(span)))
+    return words
+
+
+def greedy_decode(log_probs: Tensor, lengths: Tensor, blank: int = 0) -> list[list[int]]:
+    """Batch best-path decoding: (B, T', V), (B,) -> token ids per utterance (collapsed, no blanks)."""
+    best = log_probs.argmax(dim=-1).cpu()
+    out = []
+    for b, n in enumerate(lengths.tolist()):
+        seq = torch.unique_consecutive(best[b, :n]).tolist()
+        out.append([t for t in seq if t != blank])
+    return out

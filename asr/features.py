@@ -1,0 +1,154 @@
+"""Log-mel front end, identical offline and chunk by chunk.
+
+Frame `i` covers samples `[i * hop, i * hop + n_fft)` (no centre padding). An utterance of N samples
+gives `N // hop` frames: the waveform is right-padded with `n_fft - hop` zeros, so every 10 ms of audio
+owns exactly one frame. `OnlineLogMel` emits each frame as soon as its samples have arrived and applies
+the same right padding in `finish()`, so any chunking reproduces `log_mel()`. Normalisation uses global
+statistics (`FeatureStats`, stored in the checkpoint), never per-utterance ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, WIN_LENGTH
+
+LOG_FLOOR = 1e-6  # added to mel power before the log: bounds digital silence at log(1e-6) ~ -13.8
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    sample_rate: int = SAMPLE_RATE  # Hz of the input samples
+    n_fft: int = N_FFT  # samples per FFT (and per frame)
+    win_length: int = WIN_LENGTH  # samples in the Hann window (25 ms)
+    hop_length: int = HOP_LENGTH  # samples between frames (10 ms)
+    n_mels: int = 80  # mel bins F
+    f_min: float = 20.0  # Hz, lowest mel edge
+    f_max: float = 7600.0  # Hz, highest mel edge (below Nyquist; codecs cut the top band)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=8)
+def _mel_transform(cfg: FeatureConfig):
+    import torchaudio
+
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length,
+        hop_length=cfg.hop_length, f_min=cfg.f_min, f_max=cfg.f_max, n_mels=cfg.n_mels,
+        center=False, power=2.0, norm="slaney", mel_scale="slaney")
+
+
+def _frames(wave: Tensor, cfg: FeatureConfig) -> Tensor:
+    """Log-mel of every complete frame in `wave`: (N,) -> (T, F), T = 1 + (N - n_fft) // hop."""
+    if wave.shape[0] < cfg.n_fft:
+        return torch.zeros(0, cfg.n_mels)
+    with torch.no_grad():
+        mel = _mel_transform(cfg)(wave)  # (F, T)
+    return torch.log(mel + LOG_FLOOR).T.contiguous()
+
+
+def log_mel(wave: np.ndarray | Tensor, cfg: FeatureConfig = FeatureConfig()) -> Tensor:
+    """Un-normalised log-mel features of a whole utterance.
+
+    Args:
+        wave: (N,) float32 samples at cfg.sample_rate.
+    Returns:
+        (N // hop, F) float32.
+    """
+    w = torch.as_tensor(wave, dtype=torch.float32)
+    assert w.ndim == 1, f"expected mono (N,) samples, got {tuple(w.shape)}"
+    n_frames = w.shape[0] // cfg.hop_length
+    padded = torch.nn.functional.pad(w, (0, cfg.n_fft - cfg.hop_length))
+    feats = _frames(padded, cfg)
+    assert feats.shape[0] == n_frames
+    return feats
+
+
+@dataclass
+class FeatureStats:
+    """Global per-bin mean and standard deviation of log-mel features over a training corpus."""
+
+    mean: Tensor  # (F,)
+    std: Tensor  # (F,)
+
+    def normalize(self, feats: Tensor) -> Tensor:
+        """(..., F) -> (..., F), zero mean and unit variance per bin over the training data."""
+        return (feats - self.mean) / self.std
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.float().clone(), "std": self.std.float().clone()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureStats:
+        return cls(mean=d["mean"].float(), std=d["std"].float())
+
+    @classmethod
+    def identity(cls, n_mels: int) -> FeatureStats:
+        return cls(mean=torch.zeros(n_mels), std=torch.ones(n_mels))
+
+
+class StatsAccumulator:
+    """Running sum and sum of squares (float64) for FeatureStats."""
+
+    def __init__(self, n_mels: int):
+        self.n = 0
+        self.s = torch.zeros(n_mels, dtype=torch.float64)
+        self.s2 = torch.zeros(n_mels, dtype=torch.float64)
+
+    def add(self, feats: Tensor) -> None:
+        f = feats.double()
+        self.n += f.shape[0]
+        self.s += f.sum(0)
+        self.s2 += (f * f).sum(0)
+
+    def stats(self) -> FeatureStats:
+        assert self.n > 0, "no frames accumulated"
+        mean = self.s / self.n
+        var = (self.s2 / self.n - mean * mean).clamp_min(1e-8)
+        return FeatureStats(mean=mean.float(), std=var.sqrt().float())
+
+
+class OnlineLogMel:
+    """Streaming log-mel: accepts samples in chunks of any size and emits normalised frames.
+
+    State: the unconsumed sample tail (shorter than n_fft) and the number of samples seen.
+    """
+
+    def __init__(self, cfg: FeatureConfig, stats: FeatureStats | None = None):
+        self.cfg = cfg
+        self.stats = stats
+        self.reset()
+
+    def reset(self) -> None:
+        self._buffer = torch.zeros(0)  # samples from the next frame's start onwards
+        self._n_samples = 0  # samples accepted so far
+        self._n_frames = 0  # frames emitted so far
+
+    def _out(self, feats: Tensor) -> Tensor:
+        self._n_frames += feats.shape[0]
+        return self.stats.normalize(feats) if self.stats is not None else feats
+
+    def accept(self, samples: np.ndarray | Tensor) -> Tensor:
+        """Add samples; returns the newly complete frames, (T_new, F) with T_new possibly 0."""
+        x = torch.as_tensor(samples, dtype=torch.float32).reshape(-1)
+        self._n_samples += x.shape[0]
+        self._buffer = torch.cat([self._buffer, x])
+        feats = _frames(self._buffer, self.cfg)
+        self._buffer = self._buffer[feats.shape[0] * self.cfg.hop_length:]
+        return self._out(feats)
+
+    def finish(self) -> Tensor:
+        """Flush with the same right padding as log_mel(); returns the remaining frames."""
+        total = self._n_samples // self.cfg.hop_length
+        padded = torch.nn.functional.pad(self._buffer, (0, self.cfg.n_fft - self.cfg.hop_length))
+        feats = _frames(padded, self.cfg)[: total - self._n_frames]
+        out = self._out(feats)
+        self._buffer = torch.zeros(0)
+        return out

@@ -1,0 +1,179 @@
+"""CTC acoustic model: convolutional subsampler + stacked recurrent layers, one module for both directions.
+
+Shapes: B batch, T input frames (10 ms), T' = ceil(T / 4) output frames (40 ms), F mel bins,
+V vocabulary size, L recurrent layers, H hidden units per direction, C conv channels.
+
+The unidirectional model is causal end to end: its convolutions pad on the left only, and `step()`
+carries the frames each convolution still needs plus the recurrent hidden state in a `StreamState`,
+so chaining `step()` over any split of the input equals `forward()` on the whole of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+KERNEL = 3  # conv kernel along time and frequency
+STRIDE = 2  # conv stride along time and frequency; two layers subsample time by 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_mels: int = 80  # input feature bins F
+    vocab_size: int = 29  # output classes V, blank at 0
+    bidirectional: bool = True  # True: offline BiGRU; False: causal, streamable
+    cell: str = "gru"  # recurrent cell: gru | lstm | rnn (Elman, tanh)
+    conv_channels: int = 32  # channels C of both subsampling convolutions
+    hidden_size: int = 256  # recurrent units H per direction
+    num_layers: int = 3  # stacked recurrent layers L
+    dropout: float = 0.15  # between recurrent layers and before the classifier
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def subsampling(self) -> int:
+        return STRIDE * STRIDE
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Everything a causal model needs from the past of a stream (batch dim B kept for stacking)."""
+
+    hidden: Tensor  # (L, B, H) for gru/rnn; (2, L, B, H) for lstm (h and c stacked)
+    context: tuple[Tensor, ...]  # per conv layer: (B, C_in, KERNEL - 1 .. , F_in) input frames not yet consumed
+
+
+def output_lengths(lengths: Tensor) -> Tensor:
+    """Input frame counts -> output frame counts: two stride-2 convolutions, ceil each time."""
+    out = lengths
+    for _ in range(2):
+        out = torch.div(out + STRIDE - 1, STRIDE, rounding_mode="floor")
+    return out
+
+
+class CTCModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.cell not in CELLS:
+            raise ValueError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+        self.cfg = cfg
+        c = cfg.conv_channels
+        # time is padded by hand (causal or centred); frequency by the layer itself
+        self.conv1 = nn.Conv2d(1, c, KERNEL, stride=STRIDE, padding=(0, 1))
+        self.conv2 = nn.Conv2d(c, c, KERNEL, stride=STRIDE, padding=(0, 1))
+        f_out = cfg.n_mels
+        for _ in range(2):
+            f_out = (f_out + 2 - KERNEL) // STRIDE + 1
+        self.proj = nn.Linear(c * f_out, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.rnn = CELLS[cfg.cell](
+            cfg.hidden_size, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True,
+            bidirectional=cfg.bidirectional, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(cfg.dropout)
+        n_dir = 2 if cfg.bidirectional else 1
+        self.classifier = nn.Linear(n_dir * cfg.hidden_size, cfg.vocab_size)
+        self.lookahead_frames = 0  # the causal model needs no future input frames
+
+    @property
+    def time_padding(self) -> tuple[int, int]:
+        """(left, right) zero frames around each convolution's time axis."""
+        return (KERNEL - 1, 0) if not self.cfg.bidirectional else ((KERNEL - 1) // 2, KERNEL // 2)
+
+    def _project(self, y: Tensor) -> Tensor:
+        """(B, C, T', F') conv output -> (B, T', H) recurrent input."""
+        b, c, t, f = y.shape
+        y = y.permute(0, 2, 1, 3).reshape(b, t, c * f)
+        return self.dropout(self.norm(self.proj(y)))
+
+    def _classify(self, h: Tensor) -> Tensor:
+        return F.log_softmax(self.classifier(self.dropout(h)).float(), dim=-1)
+
+    def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Whole utterances.
+
+        Args:
+            feats: (B, T, F) normalised log-mel, zero beyond each length.
+            lengths: (B,) int64 valid frames per utterance.
+        Returns:
+            (B, T', V) float32 log-probabilities and (B,) int64 output lengths.
+        """
+        assert feats.ndim == 3 and feats.shape[2] == self.cfg.n_mels, tuple(feats.shape)
+        lengths = lengths.to(feats.device)
+        x = feats.unsqueeze(1)  # (B, 1, T, F)
+        cur = lengths
+        for conv in (self.conv1, self.conv2):
+            x = F.gelu(conv(F.pad(x, (0, 0, *self.time_padding))))
+            cur = output_lengths_one(cur)
+            mask = torch.arange(x.shape[2], device=x.device)[None, :] < cur[:, None]  # (B, T')
+            x = x * mask[:, None, :, None]
+        z = self._project(x)  # (B, T', H)
+        out_lengths = cur
+        packed = nn.utils.rnn.pack_padded_sequence(
+            z, out_lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = self.rnn(packed)
+        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=z.shape[1])
+        return self._classify(h), out_lengths
+
+    def init_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> StreamState:
+        """The state before any audio: zero hidden state and the convolutions' left padding."""
+        if self.cfg.bidirectional:
+            raise RuntimeError("a bidirectional model cannot stream; use a unidirectional (gru) model")
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch_size, cfg.hidden_size)
+        hidden = torch.zeros((2, *shape) if cfg.cell == "lstm" else shape, device=device)
+        f1 = (cfg.n_mels + 2 - KERNEL) // STRIDE + 1
+        ctx = (torch.zeros(batch_size, 1, KERNEL - 1, cfg.n_mels, device=device),
+               torch.zeros(batch_size, cfg.conv_channels, KERNEL - 1, f1, device=device))
+        return StreamState(hidden=hidden, context=ctx)
+
+    def step(self, feats: Tensor, state: StreamState) -> tuple[Tensor, StreamState]:
+        """Continue a stream with new frames (eval mode, causal model only).
+
+        Args:
+            feats: (B, T_new, F) normalised log-mel frames following those already stepped; T_new may be 0.
+            state: from init_state() or the previous step(); not modified.
+        Returns:
+            (B, T'_new, V) log-probabilities of the output frames that became complete, and the new state.
+        """
+        if self.cfg.bidirectional:
+            raise RuntimeError("a bidirectional model cannot stream; use a unidirectional (gru) model")
+        assert not self.training, "step() is for inference: call model.eval() first"
+        assert feats.ndim == 3 and feats.shape[2] == self.cfg.n_mels, tuple(feats.shape)
+        x = feats.unsqueeze(1)  # (B, 1, T_new, F)
+        new_ctx = []
+        for conv, ctx in zip((self.conv1, self.conv2), state.context, strict=True):
+            buf = torch.cat([ctx, x], dim=2)  # (B, C_in, K + T_new, F_in)
+            n_out = max(0, (buf.shape[2] - KERNEL) // STRIDE + 1)
+            new_ctx.append(buf[:, :, STRIDE * n_out:])
+            if n_out == 0:
+                x = buf.new_zeros(buf.shape[0], conv.out_channels, 0, _conv_f(buf.shape[3]))
+            else:
+                x = F.gelu(conv(buf[:, :, : STRIDE * (n_out - 1) + KERNEL]))
+        if x.shape[2] == 0:
+            empty = x.new_zeros(x.shape[0], 0, self.cfg.vocab_size)
+            return empty, StreamState(hidden=state.hidden, context=tuple(new_ctx))
+        z = self._project(x)
+        if self.cfg.cell == "lstm":
+            h, (hn, cn) = self.rnn(z, (state.hidden[0], state.hidden[1]))
+            hidden = torch.stack([hn, cn])
+        else:
+            h, hidden = self.rnn(z, state.hidden)
+        return self._classify(h), StreamState(hidden=hidden, context=tuple(new_ctx))
+
+
+def output_lengths_one(lengths: Tensor) -> Tensor:
+    """Frame counts after one stride-2 convolution (ceil)."""
+    return torch.div(lengths + STRIDE - 1, STRIDE, rounding_mode="floor")
+
+
+def _conv_f(f_in: int) -> int:
+    return (f_in + 2 - KERNEL) // STRIDE + 1
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,276 @@
+"""`asr`: command-line front end over the `asr` library (transcribe, listen, train, evaluate, export).
+
+Exit codes: 0 success; 1 an input, model or corpus could not be used (one-line message on stderr);
+2 invalid command-line usage; 130 training interrupted after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(msg: str) -> None:
+    raise click.ClickException(msg)
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def _load(model_path: str | None, streaming: bool, device: str = "cpu"):
+    """Load a checkpoint (default: the shipped one for this path) or exit with a clear message."""
+    from asr.checkpoint import CheckpointError, default_model_path, load_model
+
+    path = model_path or str(default_model_path(streaming))
+    if model_path is None and not os.path.exists(path):
+        _fail(f"default model {path} is missing: reinstall from a full checkout, or train one with "
+              f"`asr train` and pass it with --model")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device cuda: no CUDA GPU is available")
+    try:
+        return load_model(path, device)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="asr-gru")
+def cli():
+    """Small, fast, trainable streaming speech recognizer (GRU + CTC)."""
+
+
+@cli.command()
+@click.argument("audio", nargs=-1, required=True)
+@click.option("--model", "model_path", help="Checkpoint (default: models/bigru.pt, or "
+              "models/gru-stream.pt with --stream).")
+@click.option("--format", "fmt", type=click.Choice(["txt", "json", "srt", "vtt"]), default="txt",
+              show_default=True, help="Output format.")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Write one file per input (NAME.FORMAT) here instead of printing.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the model.")
+@click.option("--stream", is_flag=True, help="Decode through the live streaming path "
+              "(unidirectional model), printing events as they happen.")
+@click.option("--realtime", is_flag=True, help="With --stream: feed the audio at speaking speed.")
+@click.option("--chunk-ms", type=click.IntRange(min=10), default=100, show_default=True,
+              help="With --stream: audio chunk size.")
+@click.option("--endpoint-ms", type=click.IntRange(min=40), default=800, show_default=True,
+              help="With --stream: trailing silence that closes an utterance.")
+def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, realtime, chunk_ms,
+               endpoint_ms):
+    """Transcribe audio files (WAV, FLAC, Ogg Vorbis/Opus, MP3; any rate and channel count).
+
+    \b
+    Examples:
+      asr transcribe samples/9300-1-0088.flac
+      asr transcribe --format srt --output-dir subs/ talk.mp3 interview.wav
+      asr transcribe --stream --realtime samples/9300-1-0087.flac
+    """
+    from asr.audio import AudioError, load_audio
+    from asr.transcribe import format_transcript, transcribe_wave
+
+    _threads(threads)
+    lm = _load(model_path, streaming=stream, device=device)
+    if stream and lm.model.cfg.bidirectional:
+        _fail(f"{lm.path}: --stream needs a unidirectional model (e.g. models/gru-stream.pt)")
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    from tqdm import tqdm
+
+    failed = 0
+    show_bar = len(audio) > 1 and not stream
+    for path in tqdm(audio, disable=not show_bar, unit="file", file=sys.stderr, leave=False):
+        try:
+            wave = load_audio(path)
+        except AudioError as e:
+            tqdm.write(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if stream:
+            from asr.live import run_file_stream
+
+            t = run_file_stream(lm, wave, chunk_ms=chunk_ms, endpoint_ms=endpoint_ms,
+                                realtime=realtime, echo=output_dir is None and fmt == "txt")
+        else:
+            t = transcribe_wave(lm, wave)
+        text = format_transcript(t, fmt)
+        if output_dir:
+            base = os.path.splitext(os.path.basename(path))[0]
+            _write_atomic(os.path.join(output_dir, f"{base}.{fmt}"), text)
+        elif not (stream and fmt == "txt"):
+            click.echo(text, nl=False)
+    if failed:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--train", "train_paths", multiple=True, required=True,
+              help="Training corpus folder (repeatable); PATH:WEIGHT repeats it WEIGHT times per epoch.")
+@click.option("--dev", "dev_paths", multiple=True, help="Dev corpus folder for WER (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--arch", type=click.Choice(["bigru", "gru"]), default="bigru", show_default=True,
+              help="bigru: bidirectional, offline; gru: unidirectional, streaming.")
+@click.option("--cell", type=click.Choice(["gru", "lstm", "rnn"]), default="gru", show_default=True)
+@click.option("--hidden-size", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--num-layers", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--conv-channels", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.15, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=0), default=0, help="Stop after N steps (overrides --epochs).")
+@click.option("--batch-seconds", type=click.FloatRange(min=1), default=240.0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-3, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-augment", is_flag=True, help="Disable speed/gain/noise/SpecAugment.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per process.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Data loading processes.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Dev WER every N steps too.")
+@click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--debug-ranks", is_flag=True, hidden=True)
+def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout,
+          epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, device, threads,
+          num_workers, eval_every, save_every, keep_last, log_every, skip_bad, resume, debug_ranks):
+    """Train a CTC model on LibriSpeech-layout corpora (also under torchrun for several processes).
+
+    \b
+    Examples:
+      asr train --train data/train-clean-100 --dev data/dev-clean --out runs/bigru
+      asr train --train real/:2 --train synth/ --dev dev/ --out runs/gru --arch gru --resume
+      torchrun --nproc_per_node=4 -m cli train --train ... --out runs/ddp --device cuda
+    """
+    from asr.checkpoint import CheckpointError
+    from asr.data import CorpusError
+    from asr.train import TrainConfig
+    from asr.train import train as run_training
+
+    _threads(threads)
+    cfg = TrainConfig(train=tuple(train_paths), dev=tuple(dev_paths), out=out, arch=arch, cell=cell,
+                      hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,
+                      dropout=dropout, epochs=epochs, max_steps=max_steps,
+                      batch_seconds=batch_seconds, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                      augment=not no_augment, device=device, num_workers=num_workers,
+                      eval_every=eval_every, save_every=save_every, keep_last=keep_last,
+                      log_every=log_every, skip_bad=skip_bad, debug_ranks=debug_ranks)
+    try:
+        best = run_training(cfg, resume=resume)
+    except (CorpusError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"training stopped: {e.strerror or e} ({e.filename or out}); "
+              f"the last complete checkpoint is kept, continue with --resume")
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: continue with --resume (last complete checkpoint kept)", err=True)
+        raise SystemExit(130) from None
+    click.echo(f"model: {best}")
+
+
+@cli.command()
+@click.option("--data", "data_paths", multiple=True, required=True,
+              help="LibriSpeech-layout corpus folder (repeatable).")
+@click.option("--model", "model_path", help="Checkpoint (default: the shipped model for the path).")
+@click.option("--stream", is_flag=True, help="Decode through the streaming path (100 ms chunks).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write one JSON line per utterance.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--worst", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Aligned ref/hyp of the N worst utterances (text format).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
+@click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping.")
+def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads, skip_bad):
+    """Word and character error rates of a model on LibriSpeech-layout corpora.
+
+    \b
+    Example:
+      asr evaluate --data ../shared/data/librispeech-dev --report dev.jsonl
+    """
+    import json
+
+    from asr.data import CorpusError, load_corpora
+    from asr.evaluate import align_pair, evaluate_utterances
+
+    _threads(threads)
+    lm = _load(model_path, streaming=stream, device=device)
+    if stream and lm.model.cfg.bidirectional:
+        _fail(f"{lm.path}: --stream needs a unidirectional model (e.g. models/gru-stream.pt)")
+    try:
+        utts, skipped = load_corpora(list(data_paths), lm.vocab, skip_bad)
+    except CorpusError as e:
+        _fail(str(e))
+    from tqdm import tqdm
+
+    with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False) as bar:
+        rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update)
+    if report:
+        lines = "".join(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, "errors": r.errors,
+                                    "ref_words": r.ref_words}) + "\n" for r in rep.utterances)
+        _write_atomic(report, lines)
+    c = rep.counts
+    summary = {"model": lm.path, "stream": stream, "utterances": len(utts), "skipped": skipped,
+               "hours": round(rep.audio_seconds / 3600, 4), "wer": round(c.wer, 5),
+               "cer": round(c.cer, 5), "substitutions": c.substitutions, "deletions": c.deletions,
+               "insertions": c.insertions, "ref_words": c.ref_words, "rtf": round(rep.rtf, 4)}
+    if fmt == "json":
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"model        {lm.path}{' (streaming)' if stream else ''}\n"
+               f"utterances   {len(utts)} ({summary['hours']:.2f} h){f', {skipped} skipped' if skipped else ''}\n"
+               f"WER          {100 * c.wer:.2f} %  (S {c.substitutions}, D {c.deletions}, "
+               f"I {c.insertions} / {c.ref_words} words)\n"
+               f"CER          {100 * c.cer:.2f} %\n"
+               f"RTF          {rep.rtf:.4f}")
+    bad = sorted(rep.utterances, key=lambda r: (-r.errors / max(1, r.ref_words), r.id))[:worst]
+    bad = [r for r in bad if r.errors]
+    if bad:
+        click.echo("\nworst utterances:")
+        for r in bad:
+            ref, hyp = align_pair(r.ref, r.hyp)
+            click.echo(f"{r.id}  ({r.errors} errors / {r.ref_words} words)\n  REF: {ref}\n  HYP: {hyp}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--float32", "full", is_flag=True, help="Keep float32 weights (default: float16).")
+def export(checkpoint, output, full):
+    """Write an inference-only copy of a training checkpoint (small; float16 by default).
+
+    \b
+    Example:
+      asr export runs/bigru/best.pt models/bigru.pt
+    """
+    from asr.checkpoint import CheckpointError
+    from asr.train import export_model
+
+    try:
+        export_model(checkpoint, output, half=not full)
+    except CheckpointError as e:
+        _fail(str(e))
+    click.echo(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    cli()
