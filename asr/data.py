@@ -298,21 +298,20 @@ def collate(batch: list[tuple[Tensor, Tensor, str]]) -> dict:
 class DurationBatchSampler:
     """Batches of similar-length utterances filled up to `batch_seconds` of padded audio.
 
-    Every epoch's order is a pure function of (seed, epoch): utterances are shuffled within length
-    buckets, packed into batches, and the batches shuffled; with `weights` an utterance appears
+    Every epoch's order is a pure function of (seed, epoch): utterances are sorted by jittered
+    duration, packed into batches, and the batches shuffled; with `weights` an utterance appears
     floor(w) times plus once more with probability frac(w). With `world_size` > 1 rank r takes
     batches r, r + world_size, ... of a list trimmed to a multiple of world_size.
     """
 
     def __init__(self, durations: Sequence[float], batch_seconds: float, seed: int = 0,
                  weights: Sequence[float] | None = None, rank: int = 0, world_size: int = 1,
-                 n_buckets: int = 20, augment: bool = True):
+                 augment: bool = True):
         self.durations = np.asarray(durations, dtype=np.float64)
         self.batch_seconds = batch_seconds
         self.seed = seed
         self.weights = np.ones(len(durations)) if weights is None else np.asarray(weights, dtype=np.float64)
         self.rank, self.world_size = rank, world_size
-        self.n_buckets = n_buckets
         self.augment = augment
         self.epoch = 0
         self.skip = 0  # batches of this epoch already consumed (resume)
@@ -330,22 +329,19 @@ class DurationBatchSampler:
         idx = np.array(idx, dtype=np.int64)
         perm = torch.randperm(len(idx), generator=g).numpy()
         idx = idx[perm]
-        order = idx[np.argsort(self.durations[idx], kind="stable")]  # shuffled within equal lengths
-        buckets = np.array_split(order, min(self.n_buckets, max(1, len(order))))
-        batches = []
-        for bucket in buckets:
-            bucket = bucket[torch.randperm(len(bucket), generator=g).numpy()]
-            bucket = bucket[np.argsort(self.durations[bucket], kind="stable")]
-            cur, longest = [], 0.0
-            for i in bucket.tolist():
-                d = self.durations[i]
-                if cur and max(longest, d) * (len(cur) + 1) > self.batch_seconds:
-                    batches.append(cur)
-                    cur, longest = [], 0.0
-                cur.append(i)
-                longest = max(longest, d)
-            if cur:
+        # similar lengths together, but with +-10 % jitter so batches differ between epochs
+        jitter = 1 + 0.2 * (torch.rand(len(idx), generator=g).numpy() - 0.5)
+        order = idx[np.argsort(self.durations[idx] * jitter, kind="stable")]
+        batches, cur, longest = [], [], 0.0
+        for i in order.tolist():
+            d = self.durations[i]
+            if cur and max(longest, d) * (len(cur) + 1) > self.batch_seconds:
                 batches.append(cur)
+                cur, longest = [], 0.0
+            cur.append(i)
+            longest = max(longest, d)
+        if cur:
+            batches.append(cur)
         order = torch.randperm(len(batches), generator=g).tolist()
         batches = [batches[j] for j in order]
         out = []

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .checkpoint import (
     CheckpointError,
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         row = {"step": state.step, "epoch": state.epoch, "dev_wer": ec.wer, "dev_cer": ec.cer}
         state.history.append(row)
         _log(out, {"event": "dev", **row})
-        print(f"step {state.step} | dev WER {100 * ec.wer:.2f}% | CER {100 * ec.cer:.2f}%")
+        tqdm.write(f"step {state.step} | dev WER {100 * ec.wer:.2f}% | CER {100 * ec.cer:.2f}%")
         if ec.wer < state.best_wer:
             state.best_wer = ec.wer
             best = make_checkpoint(model, fcfg, stats, vocab,
@@ -269,8 +270,6 @@ def train(cfg: TrainConfig, resume: bool = False,
     prior_wall = resume_ckpt["meta"].get("wall_seconds", 0.0) if resume_ckpt else 0.0
     t_start = time.time()
     seen_ids: list[str] = []
-    from tqdm import tqdm
-
     bar = tqdm(total=total_steps, initial=state.step, disable=not main, dynamic_ncols=True,
                unit="step", smoothing=0.1)
     ddp_model.train()
