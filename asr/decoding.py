@@ -82,16 +82,22 @@ class GreedyCTCStream:
 
 
 def emissions_to_words(emissions: list[Emission], vocab: Vocab, frame_seconds: float,
-                       offset_s: float = 0.0) -> list[Word]:
-    """Group character emissions into words with times (seconds) and confidences."""
+                       offset_s: float = 0.0, max_end_s: float | None = None) -> list[Word]:
+    """Group character emissions into words with times (seconds) and confidences.
+
+    The last output frame may reach past the audio (frames are 40 ms); `max_end_s`, the end of the
+    audio, clamps the times.
+    """
     chars = [vocab.tokens[e.token] for e in emissions]
+    limit = float("inf") if max_end_s is None else max_end_s
     words = []
     for a, b in word_spans(chars):
         span = emissions[a:b]
+        end = min(offset_s + span[-1].end * frame_seconds, limit)
         words.append(Word(
             word="".join(chars[a:b]),
-            start=offset_s + span[0].start * frame_seconds,
-            end=offset_s + span[-1].end * frame_seconds,
+            start=min(offset_s + span[0].start * frame_seconds, end),
+            end=end,
             confidence=sum(e.prob for e in span) / len(span)))
     return words
 
