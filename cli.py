@@ -161,10 +161,15 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
       asr train --train data/train-clean-100 --dev data/dev-clean --out runs/bigru
       asr train --train real/:2 --train synth/ --dev dev/ --out runs/gru --arch gru --resume
       torchrun --nproc_per_node=4 -m cli train --train ... --out runs/ddp --device cuda
+
+    Ctrl-C (or SIGTERM) finishes the current step, writes a checkpoint and exits with 130;
+    --resume then continues exactly. Corpus problems stop the run before training (exit 1).
     """
+    import torch
+
     from asr.checkpoint import CheckpointError
     from asr.data import CorpusError
-    from asr.train import TrainConfig
+    from asr.train import TrainConfig, TrainingInterrupted
     from asr.train import train as run_training
 
     _threads(threads)
@@ -179,13 +184,20 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
         best = run_training(cfg, resume=resume)
     except (CorpusError, CheckpointError, ValueError) as e:
         _fail(str(e))
+    except torch.OutOfMemoryError:
+        _fail(f"out of {'GPU ' if device != 'cpu' else ''}memory: start a new run with a smaller "
+              f"--batch-seconds (now {batch_seconds:g})")
     except OSError as e:
         _fail(f"training stopped: {e.strerror or e} ({e.filename or out}); "
               f"the last complete checkpoint is kept, continue with --resume")
+    except TrainingInterrupted as e:
+        click.echo(f"\ninterrupted: {e}; continue with --resume", err=True)
+        raise SystemExit(130) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted: continue with --resume (last complete checkpoint kept)", err=True)
         raise SystemExit(130) from None
-    click.echo(f"model: {best}")
+    if best is not None:  # rank 0 (the others of a torchrun job print nothing)
+        click.echo(f"model: {best}")
 
 
 @cli.command()

@@ -24,7 +24,7 @@ from .features import FeatureConfig, FeatureStats, StatsAccumulator, log_mel
 from .text import Vocab, normalize_text
 
 _ID = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+-[A-Za-z0-9]+$")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # bump when scanning rules change: cached manifests are then rebuilt
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,8 @@ class Utterance:
     path: str  # absolute audio path
     duration: float  # seconds
     text: str  # normalised transcript
+    trans: str = ""  # transcript file the line came from
+    line: int = 0  # 1-based line number in `trans`
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def scan_corpus(root: str | os.PathLike, vocab: Vocab | None = None,
             bad = ", ".join(repr(c) for c in sorted(vocab.unknown_chars(text)))
             problems.append(CorpusProblem(u["trans"], u["line"], f"{u['id']}: characters not in the vocabulary: {bad}"))
             continue
-        utts.append(Utterance(u["id"], u["path"], u["duration"], text))
+        utts.append(Utterance(u["id"], u["path"], u["duration"], text, u["trans"], u["line"]))
     return utts, problems
 
 
@@ -152,13 +154,17 @@ def _build_entries(trans_files: list[Path], audio_files: list[Path]) -> dict:
             if uid in seen:
                 problem(tf, lineno, f"duplicate utterance id {uid} (first in {seen[uid]})")
                 continue
-            seen[uid] = str(tf)
+            seen[uid] = f"{tf}:{lineno}"
             candidates = by_stem.get(str(tf.parent / uid), [])
             if not candidates:
                 problem(tf, lineno, f"{uid}: no audio file next to the transcript")
                 continue
-            audio = candidates[0]
             used.update(candidates)
+            if len(candidates) > 1:
+                names = ", ".join(sorted(c.name for c in candidates))
+                problem(tf, lineno, f"{uid}: several audio files ({names}); keep only one")
+                continue
+            audio = candidates[0]
             try:
                 duration = audio_duration(audio)
             except AudioError as e:
@@ -176,18 +182,51 @@ def _build_entries(trans_files: list[Path], audio_files: list[Path]) -> dict:
     return {"utterances": utterances, "problems": problems}
 
 
-def load_corpora(paths: Sequence[str], vocab: Vocab, skip_bad: bool) -> tuple[list[Utterance], int]:
-    """Scan several corpora; raise CorpusError on problems unless `skip_bad` (then count them)."""
-    utts, skipped = [], 0
+def scan_corpora(paths: Sequence[str], vocab: Vocab | None = None
+                 ) -> tuple[list[list[Utterance]], list[CorpusProblem]]:
+    """Scan several corpora that are used together: one utterance list per path, and all problems.
+
+    Besides each corpus's own problems, an id already used by an earlier corpus of the set is a
+    duplicate: it is reported (with both transcript lines) and left out of the later corpus.
+    """
+    groups: list[list[Utterance]] = []
+    problems: list[CorpusProblem] = []
+    first: dict[str, Utterance] = {}
     for p in paths:
-        u, problems = scan_corpus(p, vocab)
-        if problems and not skip_bad:
-            raise CorpusError(problems, str(p))
-        skipped += len(problems)
-        utts.extend(u)
+        try:
+            utts, found = scan_corpus(p, vocab)
+        except CorpusError as e:  # missing folder, no transcripts: report it with the others
+            groups.append([])
+            problems += e.problems
+            continue
+        problems += found
+        kept = []
+        for u in utts:
+            if u.id in first:
+                f = first[u.id]
+                problems.append(CorpusProblem(u.trans, u.line, f"duplicate utterance id {u.id} "
+                                                               f"(first in {f.trans}:{f.line})"))
+                continue
+            first[u.id] = u
+            kept.append(u)
+        groups.append(kept)
+    return groups, problems
+
+
+def load_corpora(paths: Sequence[str], vocab: Vocab, skip_bad: bool) -> tuple[list[Utterance], int]:
+    """Scan several corpora; raise CorpusError listing every problem unless `skip_bad` (then count them)."""
+    groups, problems = scan_corpora(paths, vocab)
+    check_problems(paths, problems, skip_bad)
+    utts = [u for g in groups for u in g]
     if not utts:
         raise CorpusError([CorpusProblem(", ".join(paths), 0, "no usable utterances")])
-    return utts, skipped
+    return utts, len(problems)
+
+
+def check_problems(paths: Sequence[str], problems: Sequence[CorpusProblem], skip_bad: bool) -> None:
+    """Raise CorpusError (one line per problem) unless there are none or `skip_bad` is set."""
+    if problems and not skip_bad:
+        raise CorpusError(problems, ", ".join(str(p) for p in paths))
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -300,8 +339,9 @@ class DurationBatchSampler:
 
     Every epoch's order is a pure function of (seed, epoch): utterances are sorted by jittered
     duration, packed into batches, and the batches shuffled; with `weights` an utterance appears
-    floor(w) times plus once more with probability frac(w). With `world_size` > 1 rank r takes
-    batches r, r + world_size, ... of a list trimmed to a multiple of world_size.
+    floor(w) times plus once more with probability frac(w). With `world_size` > 1 the largest
+    batches are halved until the count is a multiple of world_size, and rank r takes batches
+    r, r + world_size, ...: equal step counts, every utterance once per epoch across the ranks.
     """
 
     def __init__(self, durations: Sequence[float], batch_seconds: float, seed: int = 0,
@@ -348,17 +388,32 @@ class DurationBatchSampler:
         for b in batches:
             seeds = torch.randint(2**31 - 1, (len(b),), generator=g).tolist()
             out.append([(i, s if self.augment else None) for i, s in zip(b, seeds, strict=True)])
-        usable = len(out) - len(out) % self.world_size if self.world_size > 1 else len(out)
-        return out[:usable]
+        if self.world_size > 1:
+            out = _split_to_multiple(out, self.world_size)
+        return out
 
     def rank_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         return self.epoch_batches(epoch)[self.rank::self.world_size]
 
     def __len__(self) -> int:
-        return len(self.rank_batches(self.epoch))
+        return max(0, len(self.rank_batches(self.epoch)) - self.skip)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         yield from self.rank_batches(self.epoch)[self.skip:]
+
+
+def _split_to_multiple(batches: list[list], n: int) -> list[list]:
+    """Make the batch count a multiple of n by halving the largest batches, so every rank gets the
+    same number of steps and each utterance is still used exactly once. Only a corpus with fewer
+    utterances than ranks cannot be split so far: then the last batches are dropped."""
+    batches = list(batches)
+    while len(batches) % n:
+        i = max(range(len(batches)), key=lambda j: len(batches[j]))
+        b = batches[i]
+        if len(b) < 2:
+            return batches[:len(batches) - len(batches) % n]
+        batches[i:i + 1] = [b[:len(b) // 2], b[len(b) // 2:]]
+    return batches
 
 
 def feature_stats(dataset: SpeechDataset, max_utts: int = 1000, seed: int = 0) -> FeatureStats:

@@ -3,6 +3,10 @@
 The loop reads top to bottom: batches from DurationBatchSampler (order a pure function of seed and
 epoch), CTC loss, gradient clipping, AdamW with a pure `get_lr(step)`, periodic dev WER, atomic
 checkpoints that hold everything `--resume` needs to continue exactly where the run stopped.
+
+Crash safety: every file is written to a temporary name and renamed into place, so a kill at any
+moment leaves the previous checkpoint complete; SIGINT/SIGTERM finish the current step and write a
+checkpoint first; a failed write (full disk) stops the run with the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -11,15 +15,20 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .audio import AudioError
 from .checkpoint import (
     CheckpointError,
     LoadedModel,
@@ -30,11 +39,14 @@ from .checkpoint import (
 )
 from .data import (
     AugmentConfig,
+    CorpusError,
+    CorpusProblem,
     DurationBatchSampler,
     SpeechDataset,
+    check_problems,
     collate,
     feature_stats,
-    load_corpora,
+    scan_corpora,
 )
 from .evaluate import decode_utterances, error_counts
 from .features import FeatureConfig, FeatureStats
@@ -95,7 +107,6 @@ def parse_corpus_arg(arg: str) -> tuple[str, float]:
             pass
     return arg, 1.0
 
-
 @dataclass
 class Dist:
     rank: int = 0
@@ -107,15 +118,22 @@ class Dist:
         return self.rank == 0
 
 
-def _setup_dist(device: torch.device) -> Dist:
+def _setup_dist(device: torch.device) -> tuple[Dist, bool]:
+    """Join the process group torchrun describes in the environment (nothing for one process).
+
+    Returns the ranks and whether this call created the group (and so must destroy it): a
+    caller that already initialised one (to train several times in one job) keeps it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(), False
     import torch.distributed as dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    created = not dist.is_initialized()
+    if created:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # generous: rank 0 writes checkpoints and plots while the others wait in the next all-reduce
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))), created
 
 
 def _pick_device(name: str, local_rank: int) -> torch.device:
@@ -128,15 +146,56 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest step checkpoint that reads back completely (corrupt files are skipped)."""
+def _any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
+    """True on every rank when `flag` is true on any (a collective: all ranks must call it)."""
+    if world_size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _mean_over_ranks(total: float, count: int, device: torch.device, world_size: int) -> float:
+    """sum(total) / sum(count) over all ranks (a collective)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / max(count, 1)
+
+
+def _all_gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def load_latest_checkpoint(run_dir: Path, verbose: bool = True) -> tuple[Path, dict] | tuple[None, None]:
+    """The newest step checkpoint that reads back completely, and its contents.
+
+    Checkpoints are renamed into place only when complete, so a corrupt one means the disk or a
+    copy failed; it is skipped with a warning and the one before it is used.
+    """
     for p in sorted((run_dir / CKPT_DIR).glob("step-*.pt"), reverse=True):
         try:
-            read_checkpoint(p)
-            return p
+            return p, read_checkpoint(p)
         except CheckpointError as e:
-            print(f"warning: skipping unreadable checkpoint {e}")
-    return None
+            if verbose:
+                print(f"warning: skipping unreadable checkpoint {e}", file=sys.stderr)
+    return None, None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest step checkpoint that reads back completely (corrupt files are skipped)."""
+    return load_latest_checkpoint(run_dir)[0]
 
 
 @dataclass
@@ -148,46 +207,188 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # dev evaluations
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after a step; the message names the checkpoint written."""
+
+
+class _StopSignal:
+    """Once armed, SIGINT and SIGTERM ask the loop to stop after the current step and write a
+    checkpoint; before that (loading data, statistics) they stop at once, as there is nothing to save.
+
+    A second signal within `grace_s` is taken as the same request (torchrun forwards the
+    terminal's Ctrl-C to its workers, which have already received it); a later one stops at once.
+    """
+
+    def __init__(self, grace_s: float = 3.0):
+        self.grace_s = grace_s
+        self.armed = False
+        self.requested_at: float | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if not self.armed:
+            raise KeyboardInterrupt
+        if self.requested_at is None:
+            self.requested_at = now
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving "
+                             f"a checkpoint (again to quit at once)\n")
+        elif now - self.requested_at > self.grace_s:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _quiet_worker(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops cleanly after a
+    step; a worker killed by the terminal's Ctrl-C would otherwise break the batch being read."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _worker_error_message(e: Exception) -> str:
+    """An exception re-raised from a DataLoader worker carries the worker's whole traceback in its
+    message; keep its last line without the class name."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    name = f"{type(e).__module__}.{type(e).__name__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files a killed run left behind (never complete; the renamed files are)."""
+    for folder in (out, out / CKPT_DIR):
+        for p in folder.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a line cut short by a crash is ignored."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "event" in row and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def _rewind_metrics(out: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they are about to be trained again)."""
+    if (out / "metrics.jsonl").exists():
+        rows = [r for r in _read_metrics(out) if r["step"] <= step]
+        _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """A resumed run keeps its recipe; only where it runs may change, and an explicit max_steps
+    re-plans the schedule (to extend or shorten a run)."""
+    known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    base = TrainConfig(**{**saved, "train": tuple(saved["train"]), "dev": tuple(saved["dev"])})
+    return replace(base, out=cfg.out, device=cfg.device, num_workers=cfg.num_workers,
+                   max_steps=cfg.max_steps or base.max_steps, debug_ranks=cfg.debug_ranks,
+                   skip_bad=cfg.skip_bad or base.skip_bad)
+
+
+def _load_training_data(cfg: TrainConfig, vocab: Vocab):
+    """Training utterances with their per-epoch weights, dev utterances, and the problems skipped.
+
+    Problems of all corpora (train and dev) are collected first and reported together."""
+    corpora = [parse_corpus_arg(a) for a in cfg.train]
+    train_groups, problems = scan_corpora([p for p, _ in corpora], vocab)
+    dev_groups, dev_problems = scan_corpora(list(cfg.dev), vocab) if cfg.dev else ([], [])
+    problems += dev_problems
+    check_problems([p for p, _ in corpora] + list(cfg.dev), problems, cfg.skip_bad)
+    train_utts, weights = [], []
+    for (_, w), group in zip(corpora, train_groups, strict=True):
+        train_utts += group
+        weights += [w] * len(group)
+    if not train_utts:
+        raise CorpusError([CorpusProblem(", ".join(cfg.train), 0, "no usable training utterances")])
+    dev_utts = [u for g in dev_groups for u in g]
+    if cfg.dev and not dev_utts:
+        raise CorpusError([CorpusProblem(", ".join(cfg.dev), 0, "no usable dev utterances")])
+    return train_utts, weights, dev_utts, len(problems)
+
+
 def train(cfg: TrainConfig, resume: bool = False,
-          on_step: Callable[[int], None] | None = None) -> Path:
-    """Train a model; returns the path of the best checkpoint (or the last one without dev)."""
-    out = Path(cfg.out)
+          on_step: Callable[[int], None] | None = None) -> Path | None:
+    """Train a model; returns the path of the best checkpoint (or the last one without dev).
+
+    Under torchrun every process calls this; rank 0 alone logs, plots and writes files, and only
+    it gets a path back (the others get None). `on_step(step)` runs after every optimizer step.
+    Raises CorpusError, CheckpointError, AudioError or ValueError for unusable input, OSError when
+    a file cannot be written (the last complete checkpoint is kept), and TrainingInterrupted after
+    SIGINT/SIGTERM once the checkpoint of the current step is written.
+    """
     device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist_info = _setup_dist(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    main = dist_info.main
+    dist_info, created_group = _setup_dist(device)
+    try:
+        with _StopSignal() as stop:
+            return _train(cfg, resume, on_step, device, dist_info, stop)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None,
+           device: torch.device, dist_info: Dist, stop: _StopSignal) -> Path | None:
+    out = Path(cfg.out)
+    main, world = dist_info.main, dist_info.world_size
     vocab = Vocab()
     fcfg = FeatureConfig()
 
     state = RunState()
     resume_ckpt = None
     if resume:
-        last = latest_checkpoint(out)
-        if last is None:
-            raise ValueError(f"--resume: no complete checkpoint in {out / CKPT_DIR}")
-        resume_ckpt = read_checkpoint(last)
-        saved = resume_ckpt["train_config"]
-        # a resumed run keeps its recipe; only where it runs may change
-        cfg = replace(TrainConfig(**{**saved, "train": tuple(saved["train"]), "dev": tuple(saved["dev"])}),
-                      out=cfg.out, device=cfg.device, num_workers=cfg.num_workers)
-        state = RunState(**resume_ckpt["run_state"])
+        last, resume_ckpt = load_latest_checkpoint(out, verbose=main)
+        if resume_ckpt is None:
+            if main:
+                print(f"--resume: no complete checkpoint in {out / CKPT_DIR}: starting a new run")
+        else:
+            new_cfg = _resumed_config(cfg, resume_ckpt["train_config"])
+            if main and (new_cfg.train, new_cfg.dev) != (cfg.train, cfg.dev):
+                print("note: --resume keeps the run's own corpora and settings (from its checkpoint)")
+            cfg = new_cfg
+            state = RunState(**resume_ckpt["run_state"])
+            if main:
+                print(f"resuming from {last} (step {state.step}, epoch {state.epoch})")
     elif (out / CKPT_DIR).exists() and any((out / CKPT_DIR).glob("step-*.pt")):
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue it, "
                          f"or choose a new --out folder")
 
-    corpora = [parse_corpus_arg(a) for a in cfg.train]
-    train_utts, weights = [], []
-    skipped = 0
-    for path, w in corpora:
-        u, s = load_corpora([path], vocab, cfg.skip_bad)
-        train_utts += u
-        weights += [w] * len(u)
-        skipped += s
-    dev_utts = []
-    if cfg.dev:
-        dev_utts, s = load_corpora(list(cfg.dev), vocab, cfg.skip_bad)
-        skipped += s
+    train_utts, weights, dev_utts, skipped = _load_training_data(cfg, vocab)
     if main and skipped:
         print(f"skipped {skipped} corpus problem(s) (--skip-bad)")
 
@@ -202,6 +403,9 @@ def train(cfg: TrainConfig, resume: bool = False,
                        cell=cfg.cell, conv_channels=cfg.conv_channels, hidden_size=cfg.hidden_size,
                        num_layers=cfg.num_layers, dropout=cfg.dropout)
     model = CTCModel(mcfg).to(device)
+    if world > 1:
+        # same initial weights everywhere (DDP also broadcasts rank 0's), own dropout masks per rank
+        torch.manual_seed(cfg.seed + 1_000_003 * dist_info.rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     if resume_ckpt is not None:
@@ -209,158 +413,244 @@ def train(cfg: TrainConfig, resume: bool = False,
         opt.load_state_dict(resume_ckpt["optimizer"])
         if "scaler" in resume_ckpt and device.type == "cuda":
             scaler.load_state_dict(resume_ckpt["scaler"])
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        if device.type == "cuda" and resume_ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume_ckpt["rng"]["cuda"])
+        rng = resume_ckpt["rng"]
+        if len(rng.get("ranks") or []) == world:
+            rng = rng["ranks"][dist_info.rank]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
     ddp_model = model
-    if dist_info.world_size > 1:
+    if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     ds = SpeechDataset(train_utts, vocab, fcfg, stats, AugmentConfig() if cfg.augment else None)
     sampler = DurationBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, cfg.seed,
-                                   weights, dist_info.rank, dist_info.world_size, augment=cfg.augment)
+                                   weights, dist_info.rank, world, augment=cfg.augment)
     steps_per_epoch = len(sampler.rank_batches(0))
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or sum(len(sampler.rank_batches(e)) for e in range(cfg.epochs))
+    train_hours = sum(u.duration for u in train_utts) / 3600
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        hours = sum(u.duration for u in train_utts) / 3600
-        print(f"train: {len(train_utts)} utterances, {hours:.2f} h; dev: {len(dev_utts)}; "
+        _remove_stale_temporaries(out)
+        if resume_ckpt is not None:
+            _rewind_metrics(out, state.step)
+        else:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # left by a run killed before its first checkpoint
+        print(f"train: {len(train_utts)} utterances, {train_hours:.2f} h; dev: {len(dev_utts)}; "
               f"model {cfg.arch}/{cfg.cell} {count_parameters(model) / 1e6:.2f} M parameters; "
-              f"{steps_per_epoch} steps/epoch x {dist_info.world_size} rank(s); {total_steps} steps; "
+              f"{steps_per_epoch} steps/epoch x {world} rank(s); {total_steps} steps; "
               f"device {device}")
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        _atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=1))
 
-    def checkpoint(tag: str) -> Path:
+    prior_wall = resume_ckpt["meta"].get("wall_seconds", 0.0) if resume_ckpt else 0.0
+    t_start = time.time()
+    saved_step = state.step if resume_ckpt is not None else -1
+    last_plot = 0.0
+
+    def plot(force: bool = False) -> None:
+        nonlocal last_plot
+        if force or time.time() - last_plot > 60:
+            plot_run(out)
+            last_plot = time.time()
+
+    def checkpoint(final: bool = False) -> Path:
+        """Collective: every rank calls it at the same step; rank 0 writes the file."""
+        nonlocal saved_step
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        all_rng = _all_gather(rng, world)
+        path = out / CKPT_DIR / f"step-{state.step:08d}.pt"
+        saved_step = state.step
+        if not main:
+            return path
         extra = {"train_config": asdict(cfg), "run_state": asdict(state), "optimizer": opt.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
+                 "rng": {**rng, "ranks": all_rng if world > 1 else None}}
         if device.type == "cuda":
             extra["scaler"] = scaler.state_dict()
         meta = {"step": state.step, "epoch": state.epoch, "best_dev_wer": state.best_wer,
                 "train_corpora": list(cfg.train), "dev_corpora": list(cfg.dev),
-                "train_hours": round(sum(u.duration for u in train_utts) / 3600, 3),
+                "train_hours": round(train_hours, 3),
                 "wall_seconds": round(time.time() - t_start + prior_wall, 1)}
-        ck = make_checkpoint(model, fcfg, stats, vocab, meta, **extra)
-        path = out / CKPT_DIR / f"step-{state.step:08d}.pt"
-        atomic_save(ck, path)
+        _save(make_checkpoint(model, fcfg, stats, vocab, meta, **extra), path)
         for old in sorted((out / CKPT_DIR).glob("step-*.pt"))[:-cfg.keep_last]:
             old.unlink(missing_ok=True)
+        plot(force=final)
         return path
 
     def evaluate() -> None:
+        """Collective: each rank decodes a shard of the dev set; rank 0 logs and keeps the best."""
         if not dev_utts:
             return
         lm = LoadedModel(model, fcfg, stats, vocab)
-        hyps = decode_utterances(lm, dev_utts)
+        shard = dev_utts[dist_info.rank::world]
+        hyps = [""] * len(dev_utts)
+        for r, part in enumerate(_all_gather(decode_utterances(lm, shard) if shard else [], world)):
+            hyps[r::world] = part
         ec = error_counts([u.text for u in dev_utts], hyps)
         row = {"step": state.step, "epoch": state.epoch, "dev_wer": ec.wer, "dev_cer": ec.cer}
         state.history.append(row)
+        improved = ec.wer < state.best_wer
+        if improved:
+            state.best_wer = ec.wer
+        if not main:
+            return
         _log(out, {"event": "dev", **row})
         tqdm.write(f"step {state.step} | dev WER {100 * ec.wer:.2f}% | CER {100 * ec.cer:.2f}%")
-        if ec.wer < state.best_wer:
-            state.best_wer = ec.wer
+        if improved:
             best = make_checkpoint(model, fcfg, stats, vocab,
                                    {"step": state.step, "epoch": state.epoch, "dev_wer": ec.wer,
                                     "dev_cer": ec.cer, "train_corpora": list(cfg.train),
                                     "dev_corpora": list(cfg.dev), "train_config": asdict(cfg)})
-            atomic_save(best, out / "best.pt")
-        plot_run(out)
+            _save(best, out / "best.pt")
+        plot(force=True)
 
-    prior_wall = resume_ckpt["meta"].get("wall_seconds", 0.0) if resume_ckpt else 0.0
-    t_start = time.time()
-    seen_ids: list[str] = []
-    bar = tqdm(total=total_steps, initial=state.step, disable=not main, dynamic_ncols=True,
-               unit="step", smoothing=0.1)
+    seen: list[tuple[int, str]] = []  # (epoch, utterance id) of every item trained on, for --debug-ranks
+    first_step = state.step
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (main and tty), dynamic_ncols=True,
+               unit="step", smoothing=0.05, file=sys.stderr)
     ddp_model.train()
     window = {"loss": 0.0, "n": 0, "audio_s": 0.0, "t": time.time()}
+    speed = {"audio_s": 0.0, "t": time.time()}  # for the bar: audio seconds per wall second, smoothed
+    stop.armed = True
     try:
         while state.step < total_steps:
             sampler.set_epoch(state.epoch, skip=state.batch_in_epoch)
             loader = torch.utils.data.DataLoader(
                 ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                 persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+                worker_init_fn=_quiet_worker if cfg.num_workers else None,
                 generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
             for batch in loader:
                 lr = get_lr(state.step, total_steps, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                feats = batch["feats"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                    log_probs, out_lengths = ddp_model(feats, batch["lengths"])
-                loss = F.ctc_loss(log_probs.transpose(0, 1).float(), batch["targets"].to(device),
-                                  out_lengths, batch["target_lengths"].to(device), blank=0,
-                                  reduction="sum", zero_infinity=True) / feats.shape[0]
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                scaler.step(opt)
-                scaler.update()
+                loss_value, grad_norm = train_step(ddp_model, opt, scaler, batch, device, cfg.clip_norm)
                 state.step += 1
                 state.batch_in_epoch += 1
                 if cfg.debug_ranks:
-                    seen_ids.extend(batch["ids"])
-                audio_s = float(batch["lengths"].sum()) / 100.0
-                window["loss"] += loss.item()
+                    seen.extend((state.epoch, uid) for uid in batch["ids"])
+                audio_s = float(batch["lengths"].sum()) / 100.0 * world  # all ranks' audio
+                window["loss"] += loss_value
                 window["n"] += 1
                 window["audio_s"] += audio_s
                 if main:
+                    speed["audio_s"] += audio_s
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", epoch=state.epoch)
+                    if time.time() - speed["t"] >= 2.0 or state.step == 1:
+                        rate = speed["audio_s"] / max(time.time() - speed["t"], 1e-9)
+                        speed.update(audio_s=0.0, t=time.time())
+                        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}",
+                                        audio=f"{rate:.0f}s/s", epoch=state.epoch, refresh=False)
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    mean_loss = _mean_over_ranks(window["loss"], window["n"], device, world)
                 if main and (state.step % cfg.log_every == 0 or state.step == total_steps):
                     dt = time.time() - window["t"]
+                    elapsed = time.time() - t_start
                     row = {"event": "train", "step": state.step, "epoch": state.epoch,
-                           "loss": window["loss"] / window["n"], "lr": lr,
+                           "loss": mean_loss, "lr": lr,
                            "grad_norm": float(grad_norm),
-                           "audio_s_per_s": window["audio_s"] * dist_info.world_size / max(dt, 1e-9),
-                           "elapsed_s": round(time.time() - t_start + prior_wall, 1)}
+                           "audio_s_per_s": window["audio_s"] / max(dt, 1e-9),
+                           "elapsed_s": round(elapsed + prior_wall, 1)}
                     _log(out, row)
+                    if not tty:  # a log file gets one line per interval instead of the bar
+                        done = state.step - first_step
+                        eta = elapsed / max(done, 1) * (total_steps - state.step)
+                        print(f"step {state.step}/{total_steps} | epoch {state.epoch} | loss "
+                              f"{row['loss']:.3f} | lr {lr:.1e} | {row['audio_s_per_s']:.0f} audio s/s"
+                              f" | {1000 * dt / window['n']:.0f} ms/step | ETA {_hms(eta)}", flush=True)
+                if state.step % cfg.log_every == 0:
                     window = {"loss": 0.0, "n": 0, "audio_s": 0.0, "t": time.time()}
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}",
-                                    audio=f"{row['audio_s_per_s']:.0f}x", epoch=state.epoch)
-                if main and cfg.eval_every and state.step % cfg.eval_every == 0:
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
                     evaluate()
                     ddp_model.train()
-                if main and state.step % cfg.save_every == 0:
-                    checkpoint("step")
+                if state.step % cfg.save_every == 0:
+                    checkpoint()
                 if on_step is not None:
                     on_step(state.step)
+                if state.step < total_steps and _any_rank(stop.requested, device, world):
+                    path = checkpoint(final=True) if saved_step != state.step else \
+                        out / CKPT_DIR / f"step-{state.step:08d}.pt"
+                    if world > 1:
+                        import torch.distributed as dist
+
+                        dist.barrier()  # nobody exits (and gets the others killed) before the file is written
+                    raise TrainingInterrupted(f"stopped at step {state.step}; checkpoint {path}")
                 if state.step >= total_steps:
                     break
             else:
                 # the epoch ran out: evaluate, checkpoint, move on
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                if main:
+                if not state.history or state.history[-1]["step"] != state.step:
                     evaluate()
                     ddp_model.train()
-                    checkpoint("epoch")
+                checkpoint()
                 continue
             break
+    except AudioError as e:
+        message = _worker_error_message(e)
+        if world == 1 and saved_step != state.step:
+            checkpoint()  # keep the steps done so far (a collective would hang with one rank failing)
+        raise AudioError(f"training stopped: {message}; fix or remove the file, then continue "
+                         f"with --resume") from None
     finally:
         bar.close()
-    if main:
-        if not state.history or state.history[-1]["step"] != state.step:
-            evaluate()
-        last = checkpoint("final")
+    if not state.history or state.history[-1]["step"] != state.step:
+        evaluate()
+    last = checkpoint(final=True) if saved_step != state.step else \
+        out / CKPT_DIR / f"step-{state.step:08d}.pt"
+    if main and saved_step == state.step:
+        plot(force=True)
     if cfg.debug_ranks:
-        digest = sum(float(p.double().sum()) for p in model.parameters())
         (out / "ranks").mkdir(parents=True, exist_ok=True)
-        (out / "ranks" / f"rank{dist_info.rank}.json").write_text(
-            json.dumps({"ids": seen_ids, "param_sum": digest,
-                        "params": [p.detach().flatten()[:64].tolist() for p in model.parameters()]}))
-    if dist_info.world_size > 1:
+        (out / "ranks" / f"rank{dist_info.rank}.json").write_text(json.dumps(
+            {"rank": dist_info.rank, "world_size": world, "step": state.step, "seen": seen,
+             "params": {k: v.detach().cpu().flatten().tolist() for k, v in model.state_dict().items()}}))
+    if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # the others wait until rank 0 has written the last checkpoint
     if not main:
-        return out
+        return None
     return out / "best.pt" if (out / "best.pt").exists() else last
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batch: dict, device: torch.device, clip_norm: float) -> tuple[float, float]:
+    """One optimizer step on a collated batch: CTC loss per utterance, float16 autocast on CUDA,
+    gradient clipping. `model` may be DDP-wrapped. Returns (loss, gradient norm before clipping)."""
+    feats = batch["feats"].to(device, non_blocking=True)  # (B, T, F)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        log_probs, out_lengths = model(feats, batch["lengths"])  # (B, T', V), (B,)
+    loss = F.ctc_loss(log_probs.transpose(0, 1).float(), batch["targets"].to(device),
+                      out_lengths, batch["target_lengths"].to(device), blank=0,
+                      reduction="sum", zero_infinity=True) / feats.shape[0]
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scaler.step(opt)
+    scaler.update()
+    return loss.item(), float(grad_norm)
+
+
+def _save(ckpt: dict, path: Path) -> None:
+    """atomic_save, with the file named in the error (torch.save only sees an open file)."""
+    try:
+        atomic_save(ckpt, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def _log(out: Path, row: dict) -> None:
+    """Append one JSON line to out/metrics.jsonl (a line cut short by a crash is skipped on reading)."""
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -372,7 +662,7 @@ def plot_run(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    rows = _read_metrics(out)
     tr = [r for r in rows if r["event"] == "train"]
     dev = [r for r in rows if r["event"] == "dev"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -386,10 +676,13 @@ def plot_run(out: Path) -> None:
         b.legend()
     b.set(xlabel="step", ylabel="%", title="dev error rates")
     fig.tight_layout()
-    tmp = out / ".plot.png.tmp"
-    fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    os.replace(tmp, out / "plot.png")
+    tmp = out / f".plot.png.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, dpi=90, format="png")
+        os.replace(tmp, out / "plot.png")
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def export_model(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> dict:
