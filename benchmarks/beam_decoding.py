@@ -1,0 +1,151 @@
+"""Greedy vs beam search (+ word n-gram LM) on dev corpora: WER, CER and decoding cost, and sweeps.
+
+    python benchmarks/beam_decoding.py --model runs/bigru/best.pt --data DEV [--data DEV2] \\
+        [--limit N] [--lm models/lm.arpa.gz] [--lm-weight 0.4 0.6 0.8] [--word-score 0 0.5 1] \\
+        [--beam-size 32] [--pyctcdecode]
+
+The acoustic model runs once per utterance (its time is measured separately); every decoder then
+decodes the same log-probabilities. For each corpus the table gives corpus WER/CER and the decoding
+real-time factor (decoder seconds / audio seconds) of greedy decoding and of the beam search for
+every (lm weight, word score, beam size) in the grid; `--pyctcdecode` adds pyctcdecode + KenLM
+(an alternative library, not a dependency) with the same LM, weight and word score, for the
+comparison behind the choice of flashlight-text. The model's own RTF is printed per corpus; the
+end-to-end RTF of a decoder is model RTF + decoder RTF. Use dev splits only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def log_probs_of(lm, utts):
+    """Per utterance (T', V) CPU log-probabilities, and the model's compute seconds."""
+    import torch
+
+    from asr.audio import load_audio
+    from asr.features import log_mel
+
+    out, seconds = [], 0.0
+    for u in utts:
+        wave = load_audio(u.path, lm.feature_config.sample_rate)
+        t0 = time.perf_counter()
+        feats = lm.stats.normalize(log_mel(wave, lm.feature_config))
+        with torch.inference_mode():
+            lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
+        seconds += time.perf_counter() - t0
+        out.append(lp[0].float().contiguous())
+    return out, seconds
+
+
+def run_greedy(lm, lps):
+    import torch
+
+    from asr.decoding import greedy_decode
+
+    hyps = []
+    for lp in lps:
+        hyps.append(lm.vocab.decode(greedy_decode(lp[None], torch.tensor([lp.shape[0]]))[0]))
+    return hyps
+
+
+def run_beam(lm, lps, cfg):
+    from asr.beam import BeamCTCStream, emissions_text
+
+    dec = BeamCTCStream(lm.vocab, cfg)
+    hyps = []
+    for lp in lps:
+        dec.reset()
+        dec.push(lp)
+        hyps.append(emissions_text(dec.finish(), lm.vocab))
+    return hyps
+
+
+def make_pyctcdecode(lm, lm_path, alpha, beta):
+    import kenlm
+    from pyctcdecode import build_ctcdecoder
+
+    from asr.lm import BOS, EOS, UNK, arpa_vocabulary
+
+    labels = ["", *lm.vocab.chars]
+    unigrams = [w for w in arpa_vocabulary(lm_path) if w not in (BOS, EOS, UNK)]
+    # pyctcdecode multiplies log10 scores by alpha * ln(10): alpha = lm_weight / ln(10) matches
+    return build_ctcdecoder(labels, kenlm.Model(str(lm_path)), unigrams, alpha=alpha, beta=beta)
+
+
+def run_pyctcdecode(decoder, lps, beam_size):
+    return [decoder.decode(lp.numpy(), beam_width=beam_size) for lp in lps]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", action="append", required=True, help="LibriSpeech-layout dev corpus")
+    ap.add_argument("--limit", type=int, default=0, help="first N utterances per corpus (0: all)")
+    ap.add_argument("--lm", default=None, help="ARPA LM (default: the shipped models/lm.arpa.gz)")
+    ap.add_argument("--lm-weight", type=float, nargs="+", default=None)
+    ap.add_argument("--word-score", type=float, nargs="+", default=None)
+    ap.add_argument("--beam-size", type=int, nargs="+", default=None)
+    ap.add_argument("--pyctcdecode", action="store_true", help="also run pyctcdecode + kenlm")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from asr.beam import DEFAULT_LM, BeamConfig
+    from asr.checkpoint import load_model
+    from asr.data import load_corpora
+    from asr.evaluate import error_counts
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    base = BeamConfig(lm_path=str(args.lm or DEFAULT_LM))
+    weights = args.lm_weight or [base.lm_weight]
+    scores = args.word_score or [base.word_score]
+    sizes = args.beam_size or [base.beam_size]
+    t0 = time.perf_counter()
+    run_beam(lm, [], base)  # load the LM once, outside the timings
+    print(f"LM load: {time.perf_counter() - t0:.2f} s ({base.lm_path})", file=sys.stderr)
+    rows = []
+    for data in args.data:
+        utts, _ = load_corpora([data], lm.vocab, skip_bad=True)
+        utts = sorted(utts, key=lambda u: u.id)[: args.limit or None]
+        audio_s = sum(u.duration for u in utts)
+        refs = [u.text for u in utts]
+        lps, model_s = log_probs_of(lm, utts)
+        name = Path(data).name if Path(data).name != "dev" else Path(data).parent.parent.name
+        print(f"{name}: {len(utts)} utterances, {audio_s / 60:.1f} min, model RTF "
+              f"{model_s / audio_s:.4f}", file=sys.stderr)
+
+        def record(decoder, setting, hyps, seconds, name=name, refs=refs, audio_s=audio_s):
+            c = error_counts(refs, hyps)
+            rows.append((name, decoder, setting, 100 * c.wer, 100 * c.cer, seconds / audio_s))
+            print(f"  {decoder:12s} {setting:28s} WER {100 * c.wer:6.2f}  CER {100 * c.cer:6.2f}"
+                  f"  RTF {seconds / audio_s:.4f}", file=sys.stderr, flush=True)
+
+        t0 = time.perf_counter()
+        hyps = run_greedy(lm, lps)
+        record("greedy", "-", hyps, time.perf_counter() - t0)
+        for w, s, b in itertools.product(weights, scores, sizes):
+            cfg = BeamConfig(lm_path=base.lm_path, lm_weight=w, word_score=s, beam_size=b)
+            t0 = time.perf_counter()
+            hyps = run_beam(lm, lps, cfg)
+            record("beam", f"w={w:g} s={s:g} beam={b}", hyps, time.perf_counter() - t0)
+            if args.pyctcdecode:
+                dec = make_pyctcdecode(lm, base.lm_path, w / 2.302585, s)
+                t0 = time.perf_counter()
+                hyps = run_pyctcdecode(dec, lps, b)
+                record("pyctcdecode", f"w={w:g} s={s:g} beam={b}", hyps, time.perf_counter() - t0)
+    print("| corpus | decoder | setting | WER % | CER % | decoder RTF |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""CTC beam search with the shipped word LM: spelling, context, chunking invariance, timings."""
+
+import pytest
+import torch
+
+from asr.beam import (
+    DEFAULT_LM,
+    BeamConfig,
+    BeamCTCStream,
+    EndpointedBeam,
+    beam_decode,
+    emissions_text,
+    path_emissions,
+)
+from asr.decoding import GreedyCTCStream, emissions_to_words, greedy_decode
+from asr.lm import LMError
+from asr.text import Vocab
+
+pytest.importorskip("flashlight.lib.text.decoder")
+
+VOCAB = Vocab()
+
+
+def spelled(spec) -> torch.Tensor:
+    """(T', V) log-probs that spell `spec`: each item is a character (probability 0.9) or a dict of
+    alternatives {char: probability}; every character lasts two frames and is followed by a blank."""
+    rows = []
+    for item in spec:
+        probs = {item: 0.9} if isinstance(item, str) else item
+        for _ in range(2):
+            p = torch.full((len(VOCAB),), 1e-4)
+            for c, q in probs.items():
+                p[VOCAB.tokens.index(c)] = q
+            rows.append(p / p.sum())
+        blank = torch.full((len(VOCAB),), 1e-4)
+        blank[0] = 0.9
+        rows.append(blank / blank.sum())
+    return torch.stack(rows).log()
+
+
+def greedy_text(lp: torch.Tensor) -> str:
+    return VOCAB.decode(greedy_decode(lp[None], torch.tensor([lp.shape[0]]))[0])
+
+
+def test_shipped_lm_is_small_enough_to_ship():
+    assert DEFAULT_LM.exists() and DEFAULT_LM.stat().st_size < 30e6
+
+
+def test_path_emissions_collapses_repeats_and_keeps_frames():
+    lp = torch.log_softmax(torch.randn(8, len(VOCAB), generator=torch.Generator().manual_seed(0)), -1)
+    a, b = VOCAB.tokens.index("a"), VOCAB.tokens.index("b")
+    path = [0, a, a, 0, a, 1, b, b]
+    em = path_emissions(path, lp.numpy(), offset=100)
+    assert [(e.token, e.start, e.end) for e in em] == [(a, 101, 103), (a, 104, 105), (1, 105, 106),
+                                                       (b, 106, 108)]
+    assert em[0].logp_sum == pytest.approx(float(lp[1, a] + lp[2, a]))
+
+
+def test_lexicon_turns_a_misheard_spelling_into_a_word():
+    lp = spelled("the man went hom")
+    assert greedy_text(lp) == "the man went hom"
+    assert emissions_text(beam_decode(lp, VOCAB), VOCAB) == "the man went home"
+
+
+@pytest.mark.parametrize("context, expected", [("he walked down to the se", "sea"),
+                                               ("she could not se", "see")])
+def test_language_model_context_resolves_acoustic_ambiguity(context, expected):
+    # the acoustics slightly prefer "e" in both cases; the word before decides
+    lp = spelled([*context, {"a": 0.45, "e": 0.55}])
+    assert greedy_text(lp).endswith(" see")
+    assert emissions_text(beam_decode(lp, VOCAB), VOCAB).split()[-1] == expected
+
+
+def test_without_the_lm_the_acoustics_decide():
+    lp = spelled([*"he walked down to the se", {"a": 0.45, "e": 0.55}])
+    text = emissions_text(beam_decode(lp, VOCAB, BeamConfig(lm_weight=0.0, word_score=0.0)), VOCAB)
+    assert text.split()[-1] == "see"
+
+
+def test_chunking_does_not_change_the_search(random_stream_model):
+    """Real audio through a random causal model: any chunking gives the same best path."""
+    from conftest import SAMPLES
+
+    from asr.audio import load_audio
+    from asr.features import log_mel
+
+    lm = random_stream_model
+    wave = load_audio(SAMPLES / "9300-1-0088.flac")
+    with torch.inference_mode():
+        feats = lm.stats.normalize(log_mel(wave, lm.feature_config))
+        lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
+    lp = lp[0]
+    whole = beam_decode(lp, VOCAB)
+    assert whole, "the random model's beam path should spell something"
+    for chunk in (1, 7, 40):
+        dec = BeamCTCStream(VOCAB)
+        partials = []
+        for s in range(0, lp.shape[0], chunk):
+            dec.push(lp[s:s + chunk])
+            partials.append(emissions_text(dec.partial(), VOCAB))
+        assert dec.finish() == whole
+        assert any(partials)
+
+
+def test_partials_grow_while_spelling_and_the_stream_clock_runs_on():
+    lp = spelled("the man went home")
+    dec = BeamCTCStream(VOCAB)
+    seen = []
+    for s in range(0, lp.shape[0], 6):
+        dec.push(lp[s:s + 6])
+        seen.append(emissions_text(dec.partial(), VOCAB))
+    assert seen[-1] == "the man went home"
+    assert "the man w" in seen or "the man we" in seen  # the word being spelled shows up
+    first = dec.finish()
+    assert emissions_text(first, VOCAB) == "the man went home"
+    dec.push(lp)  # a second utterance on the same stream clock
+    second = dec.finish()
+    assert emissions_text(second, VOCAB) == "the man went home"
+    assert second[0].start == first[0].start + lp.shape[0]
+
+
+def test_words_timings_and_confidences_come_from_the_beam_path():
+    lp = spelled("the man went hom")
+    words = emissions_to_words(beam_decode(lp, VOCAB), VOCAB, frame_seconds=0.04)
+    assert [w.word for w in words] == ["the", "man", "went", "home"]
+    assert all(0 <= a.end <= b.start for a, b in zip(words, words[1:], strict=False))
+    assert all(w.start < w.end for w in words)
+    assert all(0.85 < w.confidence <= 1 for w in words[:3])
+    # "home"'s "e" was never heard: the path passes it on a frame where it is unlikely
+    assert words[3].confidence < words[2].confidence
+
+
+def test_endpointed_beam_cuts_at_pauses():
+    pause = torch.full((30, len(VOCAB)), -9.0)
+    pause[:, 0] = 0.0
+    lp = torch.cat([spelled("the man"), pause, spelled("went home"), pause[:3]])
+    seg = EndpointedBeam(VOCAB, endpoint_frames=20)
+    utts = seg.push(lp[:50]) + seg.push(lp[50:]) + seg.flush()
+    assert [emissions_text(u, VOCAB) for u in utts] == ["the man", "went home"]
+    whole = EndpointedBeam(VOCAB, endpoint_frames=None)
+    assert [emissions_text(u, VOCAB) for u in whole.push(lp) + whole.flush()] == [
+        "the man went home"]
+    # greedy decides where speech is; only blanks -> nothing
+    silent = EndpointedBeam(VOCAB, endpoint_frames=20)
+    assert silent.push(pause) + silent.flush() == []
+    assert GreedyCTCStream().push(pause) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"not an arpa file\n", b"\x00\x01\x02garbage"])
+def test_bad_lm_file_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "lm.arpa"
+    path.write_bytes(content)
+    with pytest.raises(LMError, match=str(path)):
+        BeamCTCStream(VOCAB, BeamConfig(lm_path=str(path)))
+    with pytest.raises(LMError, match="no such"):
+        BeamCTCStream(VOCAB, BeamConfig(lm_path=str(tmp_path / "missing.arpa")))
+
