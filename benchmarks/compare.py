@@ -259,6 +259,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     t = str(report["threads"][0])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -268,6 +269,11 @@ def plot(report: dict, path: Path) -> None:
                    color="tab:blue" if s["ours"] else "tab:gray", zorder=3)
         ax.annotate(s["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.35, y=0.12)  # room for the labels
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(f"real-time factor, {t} thread{'s' if t != '1' else ''} (log scale, lower is faster)")
     ax.set_ylabel("WER % (lower is better)")
     ax.set_ylim(bottom=0)
