@@ -36,11 +36,11 @@ class BeamConfig:
     """Beam search settings; the defaults are the ones tuned on the dev splits."""
 
     lm_path: str = str(DEFAULT_LM)  # word n-gram LM, ARPA text (plain or .gz) or KenLM binary
-    beam_size: int = 32  # hypotheses kept after each frame
+    beam_size: int = 128  # hypotheses kept after each frame
     beam_size_token: int = 12  # most likely tokens tried per frame
     beam_threshold: float = 20.0  # drop hypotheses this far (natural log) below the best
-    lm_weight: float = 0.6  # weight of the LM's log10 probabilities
-    word_score: float = 0.5  # added per word (positive favours more, shorter words)
+    lm_weight: float = 1.0  # weight of the LM's log10 probabilities
+    word_score: float = 0.0  # added per word (positive favours more, shorter words)
     sil_score: float = 0.0  # added per frame of space
 
     def to_dict(self) -> dict:
