@@ -46,9 +46,67 @@ def _load(model_path: str | None, streaming: bool, device: str = "cpu"):
 
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def decoder_options(fn):
+    """--decoder, --lm, --beam-size, --lm-weight, --word-score, passed on as `decoding`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, decoder, lm_path, beam_size, lm_weight, word_score, **kwargs):
+        return fn(*args, decoding=(decoder, lm_path, beam_size, lm_weight, word_score), **kwargs)
+
+    options = [
+        click.option("--decoder", type=click.Choice(["beam", "greedy"]), default="beam",
+                     show_default=True, help="beam: CTC beam search with a word n-gram language "
+                     "model; greedy: best path, no language model (faster, spells by ear)."),
+        click.option("--lm", "lm_path", type=click.Path(dir_okay=False),
+                     help="Word n-gram LM for --decoder beam: ARPA, plain or .gz "
+                     "(default: models/lm.arpa.gz)."),
+        click.option("--beam-size", type=click.IntRange(min=1),
+                     help="Hypotheses kept per frame (default: 128)."),
+        click.option("--lm-weight", type=click.FloatRange(min=0),
+                     help="Weight of the LM's log10 probabilities (default: tuned on dev)."),
+        click.option("--word-score", type=float,
+                     help="Score added per word; higher favours more words (default: tuned on dev)."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _beam_config(decoding, vocab):
+    """The BeamConfig for --decoder beam (LM loaded and checked here), None for greedy."""
+    decoder, lm_path, beam_size, lm_weight, word_score = decoding
+    if decoder == "greedy":
+        if any(v is not None for v in (lm_path, beam_size, lm_weight, word_score)):
+            _fail("--lm, --beam-size, --lm-weight and --word-score need --decoder beam")
+        return None
+    from asr.beam import DEFAULT_LM, BeamConfig, load_lexicon
+    from asr.lm import LMError
+
+    if lm_path is None and not DEFAULT_LM.exists():
+        _fail(f"default language model {DEFAULT_LM} is missing: reinstall from a full checkout, "
+              f"pass one with --lm, or use --decoder greedy")
+    given = {"lm_path": lm_path, "beam_size": beam_size, "lm_weight": lm_weight,
+             "word_score": word_score}
+    cfg = BeamConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        load_lexicon(cfg.lm_path, vocab.chars)
+    except ImportError:
+        _fail("--decoder beam needs the flashlight-text package (pip install flashlight-text); "
+              "or use --decoder greedy")
+    except LMError as e:
+        _fail(str(e))
+    return cfg
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -74,8 +132,9 @@ def cli():
               help="With --stream: audio chunk size.")
 @click.option("--endpoint-ms", type=click.IntRange(min=40), default=800, show_default=True,
               help="With --stream: trailing silence that closes an utterance.")
+@decoder_options
 def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, realtime, chunk_ms,
-               endpoint_ms):
+               endpoint_ms, decoding):
     """Transcribe audio files (WAV, FLAC, Ogg Vorbis/Opus, MP3; any rate and channel count).
 
     \b
@@ -85,21 +144,33 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
       asr transcribe --stream --realtime samples/9300-1-0087.flac
     """
     from asr.audio import AudioError, load_audio
-    from asr.transcribe import format_transcript, transcribe_wave
+    from asr.transcribe import format_transcript, transcribe_file
 
     _threads(threads)
     lm = _load(model_path, streaming=stream, device=device)
     if stream and lm.model.cfg.bidirectional:
         _fail(f"{lm.path}: --stream needs a unidirectional model (e.g. models/gru-stream.pt)")
+    beam = _beam_config(decoding, lm.vocab)
     if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
+        names = [os.path.splitext(os.path.basename(p))[0] for p in audio]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            _fail(f"--output-dir: several inputs would write {clash[0]}.{fmt}; rename them or "
+                  f"transcribe them separately")
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            _fail(f"--output-dir {output_dir}: {e.strerror or e}")
     from tqdm import tqdm
 
     failed = 0
     show_bar = len(audio) > 1 and not stream
     for path in tqdm(audio, disable=not show_bar, unit="file", file=sys.stderr, leave=False):
         try:
-            wave = load_audio(path)
+            if stream:
+                wave = load_audio(path)
+            else:  # block by block: bounded memory for any length
+                t = transcribe_file(lm, path, beam=beam)
         except AudioError as e:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -108,17 +179,75 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
             from asr.live import run_file_stream
 
             t = run_file_stream(lm, wave, chunk_ms=chunk_ms, endpoint_ms=endpoint_ms,
-                                realtime=realtime, echo=output_dir is None and fmt == "txt")
-        else:
-            t = transcribe_wave(lm, wave)
+                                realtime=realtime, echo=output_dir is None and fmt == "txt",
+                                beam=beam)
         text = format_transcript(t, fmt)
         if output_dir:
             base = os.path.splitext(os.path.basename(path))[0]
-            _write_atomic(os.path.join(output_dir, f"{base}.{fmt}"), text)
+            out_path = os.path.join(output_dir, f"{base}.{fmt}")
+            try:
+                _write_atomic(out_path, text)
+            except OSError as e:
+                tqdm.write(f"error: {out_path}: cannot write ({e.strerror or e})", file=sys.stderr)
+                failed += 1
         elif not (stream and fmt == "txt"):
             click.echo(text, nl=False)
     if failed:
         raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--model", "model_path", help="Streaming checkpoint (default: models/gru-stream.pt).")
+@click.option("--input-device", help="Microphone: device ID or part of its name (default: the "
+              "system's default input).")
+@click.option("--list-devices", is_flag=True, help="List the input devices and exit.")
+@click.option("--chunk-ms", type=click.IntRange(min=10), default=100, show_default=True,
+              help="Audio block size.")
+@click.option("--endpoint-ms", type=click.IntRange(min=40), default=800, show_default=True,
+              help="Trailing silence that closes an utterance.")
+@click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]),
+              help="text: partial line redrawn, final lines kept; jsonl: one event per line "
+              "(default: text on a terminal, jsonl otherwise).")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True),
+              help="Stop after this much audio (default: until Ctrl-C).")
+@click.option("--save-audio", type=click.Path(dir_okay=False), help="Also save the audio (16-bit WAV).")
+@decoder_options
+def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, fmt, max_seconds, save_audio,
+           decoding):
+    """Transcribe the microphone live; Ctrl-C finishes the current utterance and stops.
+
+    \b
+    Examples:
+      asr listen
+      asr listen --input-device USB --format jsonl --save-audio talk.wav
+    """
+    from asr.mic import Microphone, MicrophoneError
+    from asr.mic import list_devices as input_devices
+
+    try:
+        if list_devices:
+            click.echo("\n".join(d.describe() for d in input_devices()) or "no input devices")
+            return
+        lm = _load(model_path, streaming=True)
+        if lm.model.cfg.bidirectional:
+            _fail(f"{lm.path}: listen needs a unidirectional model (e.g. models/gru-stream.pt)")
+        beam = _beam_config(decoding, lm.vocab)
+        from asr.live import listen as run_listen
+
+        _threads(1)  # one live stream: a thread keeps up easily, more only spin-wait between blocks
+        with Microphone(input_device, lm.feature_config.sample_rate, chunk_ms) as mic:
+            click.echo(f"listening on {mic.device.name!r} at {mic.sample_rate} Hz "
+                       f"(Ctrl-C to stop)", err=True)
+            r = run_listen(lm, mic, fmt or ("text" if sys.stdout.isatty() else "jsonl"),
+                           endpoint_ms, max_seconds, save_audio, beam=beam)
+    except (MicrophoneError, OSError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:  # before capture started; during it, listen() handles Ctrl-C
+        raise SystemExit(130) from None
+    click.echo(f"listened {r.seconds:.1f} s from {mic.device.name!r} at {r.sample_rate} Hz, "
+               f"{r.utterances} utterances, {r.overflows} input overflows", err=True)
+    if r.error:
+        _fail(f"{r.error}; the text above is what was recognised until then")
 
 
 @cli.command()
@@ -212,7 +341,8 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
 @click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping.")
-def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads, skip_bad):
+@decoder_options
+def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads, skip_bad, decoding):
     """Word and character error rates of a model on LibriSpeech-layout corpora.
 
     \b
@@ -228,6 +358,7 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     lm = _load(model_path, streaming=stream, device=device)
     if stream and lm.model.cfg.bidirectional:
         _fail(f"{lm.path}: --stream needs a unidirectional model (e.g. models/gru-stream.pt)")
+    beam = _beam_config(decoding, lm.vocab)
     try:
         utts, skipped = load_corpora(list(data_paths), lm.vocab, skip_bad)
     except CorpusError as e:
@@ -235,20 +366,24 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     from tqdm import tqdm
 
     with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False) as bar:
-        rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update)
+        rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update, beam=beam)
     if report:
         lines = "".join(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, "errors": r.errors,
                                     "ref_words": r.ref_words}) + "\n" for r in rep.utterances)
         _write_atomic(report, lines)
     c = rep.counts
-    summary = {"model": lm.path, "stream": stream, "utterances": len(utts), "skipped": skipped,
+    summary = {"model": lm.path, "stream": stream, "decoder": beam.to_dict() if beam else "greedy",
+               "utterances": len(utts), "skipped": skipped,
                "hours": round(rep.audio_seconds / 3600, 4), "wer": round(c.wer, 5),
                "cer": round(c.cer, 5), "substitutions": c.substitutions, "deletions": c.deletions,
                "insertions": c.insertions, "ref_words": c.ref_words, "rtf": round(rep.rtf, 4)}
     if fmt == "json":
         click.echo(json.dumps(summary))
         return
+    dec = (f"beam {beam.beam_size}, LM {beam.lm_path} (weight {beam.lm_weight:g}, word score "
+           f"{beam.word_score:g})" if beam else "greedy")
     click.echo(f"model        {lm.path}{' (streaming)' if stream else ''}\n"
+               f"decoder      {dec}\n"
                f"utterances   {len(utts)} ({summary['hours']:.2f} h){f', {skipped} skipped' if skipped else ''}\n"
                f"WER          {100 * c.wer:.2f} %  (S {c.substitutions}, D {c.deletions}, "
                f"I {c.insertions} / {c.ref_words} words)\n"
@@ -281,6 +416,8 @@ def export(checkpoint, output, full):
         export_model(checkpoint, output, half=not full)
     except CheckpointError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"{output}: cannot write ({e.strerror or e})")
     click.echo(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB)")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,8 +105,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p}: no such model file")
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory, not a model file")
+    if not os.access(p, os.R_OK):
+        raise CheckpointError(f"{p}: permission denied")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p}: model file is empty")
+    with open(p, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch's zip container, or a legacy pickle
+        raise CheckpointError(f"{p}: not a model file (expected a PyTorch checkpoint)")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -117,13 +122,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 f"{p}: refused: the file contains Python objects that could run code "
                 f"(only plain tensors and containers are accepted)") from None
         raise CheckpointError(f"{p}: not a valid checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+    except Exception as e:  # garbage makes the unpickler fail in many ways (IndexError, KeyError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a readable checkpoint (truncated or foreign file: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not an {FORMAT} checkpoint of this project")
     version = ckpt.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{p}: checkpoint has no valid format version ({version!r})")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{p}: checkpoint format version {version} is newer than this program supports "
             f"({FORMAT_VERSION}); upgrade asr-gru")
@@ -139,17 +146,25 @@ def model_from_checkpoint(ckpt: dict, path: str = "") -> LoadedModel:
         fcfg = FeatureConfig(**ckpt["feature_config"])
         vocab = Vocab.from_dict(ckpt["vocab"])
         stats = FeatureStats.from_dict(ckpt["feature_stats"])
-        model = CTCModel(mcfg)
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate
+            expected = {k: tuple(v.shape) for k, v in CTCModel(mcfg).state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != expected:
+            diff = sorted(set(got.items()) ^ set(expected.items()))[0][0]
+            raise ValueError(f"weights do not fit the configured model, e.g. '{diff}'")
+        model = CTCModel(mcfg)
         model.load_state_dict(state)
-    except (TypeError, KeyError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
+        consistent = (len(vocab) == mcfg.vocab_size and fcfg.n_mels == mcfg.n_mels
+                      and tuple(stats.mean.shape) == tuple(stats.std.shape) == (fcfg.n_mels,))
+        meta = dict(ckpt.get("meta") or {})
+    except (TypeError, KeyError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: checkpoint does not match the model architecture ({first})") from None
-    if (len(vocab) != mcfg.vocab_size or stats.mean.shape[0] != fcfg.n_mels
-            or fcfg.n_mels != mcfg.n_mels):
+    if not consistent:
         raise CheckpointError(f"{path}: inconsistent vocabulary or feature sizes in checkpoint")
     model.eval()
-    return LoadedModel(model, fcfg, stats, vocab, dict(ckpt.get("meta", {})), str(path))
+    return LoadedModel(model, fcfg, stats, vocab, meta, str(path))
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:

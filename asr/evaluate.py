@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import jiwer
 import torch
 
+from .beam import BeamConfig, beam_decode_batch, emissions_text
 from .checkpoint import LoadedModel
 from .data import DurationBatchSampler, SpeechDataset, Utterance, collate
 from .decoding import greedy_decode
@@ -76,8 +77,10 @@ def utterance_errors(ref: str, hyp: str) -> int:
 
 def decode_utterances(lm: LoadedModel, utts: Sequence[Utterance], batch_seconds: float = 200.0,
                       num_workers: int = 0,
-                      progress: Callable[[int], None] | None = None) -> list[str]:
-    """Greedy transcripts of whole utterances, batched by length (offline path)."""
+                      progress: Callable[[int], None] | None = None,
+                      beam: BeamConfig | None = None) -> list[str]:
+    """Transcripts of whole utterances, batched by length (offline path); greedy, or a beam
+    search with a word LM over each whole utterance when `beam` is given."""
     ds = SpeechDataset(utts, lm.vocab, lm.feature_config, lm.stats, augment=None)
     sampler = DurationBatchSampler([u.duration for u in utts], batch_seconds, augment=False)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
@@ -91,8 +94,13 @@ def decode_utterances(lm: LoadedModel, utts: Sequence[Utterance], batch_seconds:
         with torch.inference_mode():
             for batch in loader:
                 lp, lengths = model(batch["feats"].to(lm.device), batch["lengths"])
-                for uid, ids in zip(batch["ids"], greedy_decode(lp, lengths), strict=True):
-                    hyps[index[uid]] = lm.vocab.decode(ids)
+                if beam is None:
+                    texts = [lm.vocab.decode(ids) for ids in greedy_decode(lp, lengths)]
+                else:
+                    texts = [emissions_text(em, lm.vocab)
+                             for em in beam_decode_batch(lp.cpu(), lengths, lm.vocab, beam)]
+                for uid, text in zip(batch["ids"], texts, strict=True):
+                    hyps[index[uid]] = text
                 if progress:
                     progress(len(batch["ids"]))
     finally:
@@ -101,7 +109,8 @@ def decode_utterances(lm: LoadedModel, utts: Sequence[Utterance], batch_seconds:
 
 
 def evaluate_utterances(lm: LoadedModel, utts: Sequence[Utterance], stream: bool = False,
-                        progress: Callable[[int], None] | None = None) -> EvalReport:
+                        progress: Callable[[int], None] | None = None,
+                        beam: BeamConfig | None = None) -> EvalReport:
     """Decode `utts` (offline batches, or one streaming session per utterance) and score them."""
     t0 = time.perf_counter()
     if stream:
@@ -110,11 +119,11 @@ def evaluate_utterances(lm: LoadedModel, utts: Sequence[Utterance], stream: bool
 
         hyps = []
         for u in utts:
-            hyps.append(transcribe_stream_wave(lm, load_audio(u.path)).text)
+            hyps.append(transcribe_stream_wave(lm, load_audio(u.path), beam=beam).text)
             if progress:
                 progress(1)
     else:
-        hyps = decode_utterances(lm, utts, progress=progress)
+        hyps = decode_utterances(lm, utts, progress=progress, beam=beam)
     elapsed = time.perf_counter() - t0
     results = [UtteranceResult(u.id, u.text, h, utterance_errors(u.text, h), len(u.text.split()),
                                u.duration) for u, h in zip(utts, hyps, strict=True)]

@@ -19,6 +19,7 @@ from torch import Tensor
 from .audio import HOP_LENGTH, N_FFT, SAMPLE_RATE, WIN_LENGTH
 
 LOG_FLOOR = 1e-6  # added to mel power before the log: bounds digital silence at log(1e-6) ~ -13.8
+MAX_AMPLITUDE = 1000.0  # samples are clipped to +-this (60 dB over full scale): features stay finite
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def _frames(wave: Tensor, cfg: FeatureConfig) -> Tensor:
     if wave.shape[0] < cfg.n_fft:
         return torch.zeros(0, cfg.n_mels)
     with torch.no_grad():
-        mel = _mel_transform(cfg)(wave)  # (F, T)
+        mel = _mel_transform(cfg)(wave.clamp(-MAX_AMPLITUDE, MAX_AMPLITUDE))  # (F, T)
     return torch.log(mel + LOG_FLOOR).T.contiguous()
 
 

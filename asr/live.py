@@ -4,13 +4,20 @@ chunks in, StreamingSession events out, printed as a redrawn partial line or as 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
+from .beam import BeamConfig
 from .checkpoint import LoadedModel
 from .streaming import StreamEvent, StreamingSession
 from .transcribe import Transcript
@@ -31,7 +38,8 @@ class EventPrinter:
         elif ev.kind == "partial":
             if not self.tty:
                 return  # only final lines go to pipes and files in text mode
-            line = ev.text[-(200):]
+            width = max(20, shutil.get_terminal_size().columns - 1)
+            line = ev.text[-width:]  # the newest words; a wrapped line could not be redrawn
             self.out.write("\r" + line + " " * max(0, self._partial_len - len(line)))
             self._partial_len = len(line)
         else:
@@ -42,13 +50,17 @@ class EventPrinter:
 
 
 def run_stream(session: StreamingSession, chunks: Iterable[np.ndarray],
-               on_event=None) -> list[StreamEvent]:
-    """Push every chunk, then flush (also on Ctrl-C); returns the final events."""
+               on_event=None, keep: bool = True) -> list[StreamEvent]:
+    """Push every chunk, then flush (also on Ctrl-C); returns the final events.
+
+    The chunk source is closed (a microphone stops) before the flush. With keep=False nothing is
+    accumulated and the list is empty: for endless streams whose events go to `on_event`.
+    """
     finals: list[StreamEvent] = []
 
     def handle(events):
         for ev in events:
-            if ev.kind == "final":
+            if keep and ev.kind == "final":
                 finals.append(ev)
             if on_event is not None:
                 on_event(ev)
@@ -57,6 +69,9 @@ def run_stream(session: StreamingSession, chunks: Iterable[np.ndarray],
         for chunk in chunks:
             handle(session.push(chunk))
     finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
         handle(session.flush())
     return finals
 
@@ -81,11 +96,95 @@ def paced(wave: np.ndarray, chunk_samples: int, sample_rate: int, realtime: bool
 
 def run_file_stream(lm: LoadedModel, wave: np.ndarray, chunk_ms: int = 100,
                     endpoint_ms: float | None = 800.0, realtime: bool = False, echo: bool = True,
-                    fmt: str = "text") -> Transcript:
-    """A file through the live path; prints events as `listen` would when `echo`."""
+                    fmt: str = "text", beam: BeamConfig | None = None) -> Transcript:
+    """A file through the live path; prints events as `listen` would when `echo`.
+    `beam`: beam search with a word LM instead of greedy decoding."""
     rate = lm.feature_config.sample_rate
-    session = StreamingSession(lm, endpoint_ms=endpoint_ms)
+    session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam)
     printer = EventPrinter(fmt) if echo else None
     t0 = time.perf_counter()
     finals = run_stream(session, paced(wave, rate * chunk_ms // 1000, rate, realtime), printer)
     return finals_to_transcript(lm, finals, len(wave) / rate, time.perf_counter() - t0)
+
+
+class WavRecorder:
+    """A 16-bit mono WAV written while audio arrives, to a temporary file renamed over `path` by
+    close(), so the file is never half-written (also after Ctrl-C)."""
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int):
+        import soundfile as sf
+
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1,
+                                      format="WAV", subtype="PCM_16")
+        except (RuntimeError, OSError) as e:  # soundfile's errors are RuntimeErrors
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(f"cannot write {self.path}: {msg}") from None
+
+    def tee(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Pass `chunks` through, writing each; closing this closes the source."""
+        it = iter(chunks)
+        try:
+            for chunk in it:
+                self._file.write(np.clip(chunk, -1.0, 1.0))
+                yield chunk
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+            os.replace(self._tmp, self.path)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # `kill` ends a live session like Ctrl-C: flushed, audio saved
+
+
+@dataclass
+class ListenResult:
+    seconds: float  # audio captured
+    sample_rate: int  # capture rate (Hz)
+    overflows: int  # input overflows PortAudio reported
+    utterances: int  # final events printed
+    interrupted: bool  # ended by Ctrl-C
+    error: str | None  # why capture ended early (device lost), else None
+
+
+def listen(lm: LoadedModel, mic, fmt: str = "text", endpoint_ms: float | None = 800.0,
+           max_seconds: float | None = None, save_audio: str | os.PathLike | None = None,
+           out: TextIO | None = None, beam: BeamConfig | None = None) -> ListenResult:
+    """Transcribe an open `asr.mic.Microphone` live until max_seconds, Ctrl-C or device loss.
+
+    Ctrl-C is not an error: the current utterance is flushed and printed, the result says
+    interrupted. The audio is saved (atomically) to `save_audio` in every case.
+    """
+    session = StreamingSession(lm, sample_rate=mic.sample_rate, endpoint_ms=endpoint_ms, beam=beam)
+    printer = EventPrinter(fmt, out)
+    n_final = 0
+
+    def on_event(ev: StreamEvent) -> None:
+        nonlocal n_final
+        n_final += ev.kind == "final"
+        printer(ev)
+
+    recorder = WavRecorder(save_audio, mic.sample_rate) if save_audio else None
+    chunks = mic.chunks(max_seconds)
+    interrupted = False
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    try:
+        run_stream(session, recorder.tee(chunks) if recorder else chunks, on_event, keep=False)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+        if recorder is not None:
+            recorder.close()
+    return ListenResult(mic.samples / mic.sample_rate, mic.sample_rate, mic.overflows, n_final,
+                        interrupted, mic.error)

@@ -1,9 +1,14 @@
 """Live decoding: a session that turns audio chunks into partial and final text events.
 
-`StreamingSession` is the only object here that holds mutable streaming state: the featurizer's
-sample tail, the model's `StreamState`, and the greedy decoder's last token and emissions. With the
-hidden state kept across endpoints (the default), the final texts of a session fed any chunking of a
-file are exactly the offline transcript of that file, with the same word timings.
+`StreamingSession` is the only object here that holds mutable streaming state: the resampler, the
+featurizer's sample tail, the model's `StreamState`, and the greedy decoder's last token and the
+emissions of the current utterance. With the hidden state kept across endpoints (the default), the
+final texts of a session fed any chunking of a file are the offline transcript of that file, with
+the same word timings.
+
+Cost per pushed chunk is bounded by the chunk and the current utterance, never by the stream: the
+decoder's emissions are dropped at each endpoint, and partial events carry only text (no words), built
+incrementally.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .beam import BeamConfig, BeamCTCStream, emissions_text
 from .checkpoint import LoadedModel
 from .decoding import GreedyCTCStream, Word, emissions_to_words
 from .features import OnlineLogMel
@@ -26,7 +32,7 @@ class StreamEvent:
     start: float  # seconds from the start of the stream
     end: float
     utterance: int  # 0-based utterance number in this stream
-    words: list[Word] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)  # finals only; partials leave it empty
 
     def to_dict(self) -> dict:
         return {"type": self.kind, "utterance": self.utterance, "text": self.text,
@@ -41,37 +47,55 @@ class StreamingSession:
         lm: a unidirectional (causal) model.
         sample_rate: rate of the pushed samples; other rates than the model's are resampled
             with a streaming (stateful) resampler.
-        endpoint_ms: close an utterance after this much trailing non-speech (CTC blank) once it has
-            text; None disables endpointing (only flush() closes).
-        reset_on_endpoint: also reset the model's hidden state at each endpoint (default keeps it).
+        endpoint_ms: close an utterance after this much trailing non-speech (output frames whose
+            best token is blank or space) once it has text; None disables endpointing (only
+            flush() closes an utterance).
+        reset_on_endpoint: also reset the model's hidden state at each endpoint. Off by default:
+            keeping it was measured to give fewer errors (see the README's streaming section).
+        beam: decode with a beam search and a word LM instead of greedily: partial texts are the
+            search's best path so far, and each final text equals the offline beam result on the
+            utterance (greedy best tokens still decide the endpoints).
     """
 
     def __init__(self, lm: LoadedModel, sample_rate: int | None = None,
-                 endpoint_ms: float | None = 800.0, reset_on_endpoint: bool = False):
+                 endpoint_ms: float | None = 800.0, reset_on_endpoint: bool = False,
+                 beam: BeamConfig | None = None):
         if lm.model.cfg.bidirectional:
             raise ValueError(f"{lm.path or 'model'}: a bidirectional model cannot stream; "
                              f"use a unidirectional model such as models/gru-stream.pt")
+        if endpoint_ms is not None and endpoint_ms <= 0:
+            raise ValueError(f"endpoint_ms must be positive or None, got {endpoint_ms}")
         self.lm = lm
         self.model_rate = lm.feature_config.sample_rate
-        self.sample_rate = sample_rate or self.model_rate
+        self.sample_rate = int(sample_rate or self.model_rate)
         self.endpoint_ms = endpoint_ms
         self.reset_on_endpoint = reset_on_endpoint
+        self.beam_config = beam
         self.frame_s = lm.frame_seconds
+        # output frames of non-speech that close an utterance
+        self._endpoint_frames = (None if endpoint_ms is None
+                                 else max(1, round(endpoint_ms / 1000 / self.frame_s)))
+        vocab = lm.vocab
+        self._non_speech = {vocab.blank_id} | ({vocab.space_id} if vocab.space_id is not None else set())
         self.reset()
 
     def reset(self) -> None:
         """Back to the state before any audio."""
         self.featurizer = OnlineLogMel(self.lm.feature_config, self.lm.stats)
         self.state = self.lm.model.init_state(device=self.lm.device)
-        self.decoder = GreedyCTCStream()
+        self.decoder = GreedyCTCStream(blank=self.lm.vocab.blank_id)
+        self.beam = None if self.beam_config is None else BeamCTCStream(self.lm.vocab, self.beam_config)
         self.utterance = 0
         self.n_samples = 0  # samples pushed, at the model's rate
         self._resampler = None
         if self.sample_rate != self.model_rate:
             import soxr
 
-            self._resampler = soxr.ResampleStream(self.sample_rate, self.model_rate, 1, dtype="float32")
-        self._trailing_blank = 0  # output frames since the last non-blank best token
+            self._resampler = soxr.ResampleStream(self.sample_rate, self.model_rate, 1,
+                                                  dtype="float32")
+        self._trailing = 0  # output frames of non-speech since the last letter
+        self._has_speech = False  # the current utterance has a letter
+        self._raw = ""  # characters emitted in the current utterance (spaces uncollapsed)
         self._last_partial = ""
 
     @property
@@ -79,48 +103,65 @@ class StreamingSession:
         """Audio time pushed so far."""
         return self.n_samples / self.model_rate
 
-    def _words(self) -> list[Word]:
-        return emissions_to_words(self.decoder.emissions, self.lm.vocab, self.frame_s)
+    def _decode(self, log_probs: torch.Tensor) -> None:
+        """Feed (T', V) log-probs to the decoder and extend the utterance's raw text."""
+        if log_probs.shape[0]:
+            tokens = self.lm.vocab.tokens
+            self._raw += "".join(tokens[e.token] for e in self.decoder.push(log_probs))
+            if self.beam is not None:
+                self.beam.push(log_probs)
 
     def _run(self, feats: torch.Tensor) -> list[StreamEvent]:
         if feats.shape[0] == 0:
             return []
         with torch.inference_mode():
             lp, self.state = self.lm.model.step(feats[None].to(self.lm.device), self.state)
-        lp = lp[0]
+        lp = lp[0]  # (T', V)
         events: list[StreamEvent] = []
-        need = None if self.endpoint_ms is None else max(1, round(self.endpoint_ms / 1000 / self.frame_s))
-        for t in range(lp.shape[0]):  # 25 frames per second: per-frame Python is cheap
-            self.decoder.push(lp[t:t + 1])
-            self._trailing_blank = self._trailing_blank + 1 if self.decoder.prev_token == 0 else 0
-            if need is not None and self._trailing_blank >= need and self.decoder.emissions:
-                events.append(self._final())
-        text = " ".join(w.word for w in self._words())
-        if text and text != self._last_partial:
-            events.append(self._event("partial"))
-            self._last_partial = text
+        seg = 0  # first frame not yet given to the decoder
+        need = self._endpoint_frames
+        # 25 output frames per second: a Python walk over the best tokens is cheap
+        for t, tok in enumerate(lp.argmax(dim=-1).tolist()):
+            if tok in self._non_speech:
+                self._trailing += 1
+                if need is not None and self._has_speech and self._trailing >= need:
+                    self._decode(lp[seg:t + 1])
+                    seg = t + 1
+                    events.append(self._final())
+            else:
+                self._trailing = 0
+                self._has_speech = True
+        self._decode(lp[seg:])
+        if self._has_speech:
+            if self.beam is None:
+                em, text = self.decoder.emissions, " ".join(self._raw.split())
+            else:
+                em = self.beam.partial()
+                text = emissions_text(em, self.lm.vocab)
+            if em and text != self._last_partial:
+                events.append(StreamEvent("partial", text, em[0].start * self.frame_s,
+                                          em[-1].end * self.frame_s, self.utterance))
+                self._last_partial = text
         return events
 
-    def _event(self, kind: str) -> StreamEvent:
-        words = self._words()
-        text = " ".join(w.word for w in words)
-        if words:
-            start, end = words[0].start, words[-1].end
-        else:
-            start = end = self.decoder.n_frames * self.frame_s
-        return StreamEvent(kind, text, start, end, self.utterance, words)
-
     def _final(self) -> StreamEvent:
-        ev = self._event("final")
+        em = self.decoder.emissions if self.beam is None else self.beam.finish()
+        words = emissions_to_words(em, self.lm.vocab, self.frame_s, max_end_s=self.seconds)
+        now = self.decoder.n_frames * self.frame_s
+        ev = StreamEvent("final", " ".join(w.word for w in words),
+                         words[0].start if words else now, words[-1].end if words else now,
+                         self.utterance, words)
         self.utterance += 1
         self.decoder.emissions = []  # the decoder keeps its frame count and last token
+        self._has_speech = False
+        self._raw = ""
         self._last_partial = ""
         if self.reset_on_endpoint:
             self.state = self.lm.model.init_state(device=self.lm.device)
         return ev
 
     def push(self, samples: np.ndarray) -> list[StreamEvent]:
-        """Add audio (mono float32 at `sample_rate`); returns the events it caused."""
+        """Add audio (mono float32 at `sample_rate`, any length); returns the events it caused."""
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         if self._resampler is not None:
             x = self._resampler.resample_chunk(x, last=False)
@@ -128,25 +169,29 @@ class StreamingSession:
         return self._run(self.featurizer.accept(x))
 
     def flush(self) -> list[StreamEvent]:
-        """End of stream: decode the remaining audio and close the current utterance."""
+        """End of stream: decode the remaining audio and close the current utterance.
+
+        Returns only final events. Use reset() before feeding a new stream.
+        """
         events = []
         if self._resampler is not None:
             tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
             self.n_samples += len(tail)
             events += self._run(self.featurizer.accept(tail))
-        events += [e for e in self._run(self.featurizer.finish()) if e.kind == "final"]
-        if self.decoder.emissions:
+        events += self._run(self.featurizer.finish())
+        if self._has_speech:
             events.append(self._final())
-        return events
+        return [e for e in events if e.kind == "final"]
 
 
 def transcribe_stream_wave(lm: LoadedModel, wave: np.ndarray, chunk_samples: int = 1600,
-                           endpoint_ms: float | None = 800.0) -> Transcript:
+                           endpoint_ms: float | None = 800.0,
+                           beam: BeamConfig | None = None) -> Transcript:
     """A whole waveform through the streaming path (100 ms chunks): the concatenated final texts."""
     import time
 
     t0 = time.perf_counter()
-    session = StreamingSession(lm, endpoint_ms=endpoint_ms)
+    session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam)
     finals: list[StreamEvent] = []
     for s in range(0, len(wave), chunk_samples):
         finals += [e for e in session.push(wave[s:s + chunk_samples]) if e.kind == "final"]

@@ -77,6 +77,66 @@ def overfit_models(overfit_corpus, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def write_paused_corpus(src: Path, dst: Path) -> Path:
+    """The OVERFIT_IDS utterances with pauses (digital silence or quiet noise, 0.3-2.5 s) around
+    them, plus two of them joined by a 1.5 s pause, as one LibriSpeech tree (speaker 9800)."""
+    import numpy as np
+    import soundfile as sf
+
+    from asr.audio import load_audio
+
+    rate = 16000
+    rng = np.random.default_rng(0)
+    refs = {}
+    for trans in src.rglob("*.trans.txt"):
+        for ln in trans.read_text().splitlines():
+            uid, text = ln.split(" ", 1)
+            refs[uid] = (load_audio(trans.parent / f"{uid}.flac"), text)
+
+    def pause(seconds: float) -> np.ndarray:
+        level = rng.choice([0.0, 3e-4, 2e-3])
+        return (level * rng.standard_normal(int(seconds * rate))).astype(np.float32)
+
+    # long leading pauses too: a live capture starts with however much silence precedes speech
+    items = [(pause(rng.uniform(0.3, 2.5)), *refs[uid], pause(rng.uniform(0.8, 2.0)))
+             for uid in OVERFIT_IDS]
+    (a, ta), (b, tb) = refs[OVERFIT_IDS[1]], refs[OVERFIT_IDS[2]]
+    items.append((pause(0.5), np.concatenate([a, pause(1.5), b]), f"{ta} {tb}", pause(1.0)))
+    out = dst / "9800" / "1"
+    out.mkdir(parents=True)
+    lines = []
+    for i, (before, wave, text, after) in enumerate(items):
+        sf.write(out / f"9800-1-{i:04d}.flac", np.concatenate([before, wave, after]), rate)
+        lines.append(f"9800-1-{i:04d} {text}")
+    (out / "9800-1.trans.txt").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def paused_stream_model(overfit_corpus, tmp_path_factory) -> Path:
+    """A small streaming GRU trained like overfit_models["gru"], but on the utterances with pauses
+    around and between them: it outputs blanks in silence, as a real model does, so endpointing
+    and live capture (which starts and ends in silence) can be tested with real text."""
+    import os
+
+    from asr.train import TrainConfig, train
+
+    cache = os.environ.get("ASR_TEST_MODEL_CACHE")
+    if cache and (Path(cache) / "gru-paused.pt").exists():
+        return Path(cache) / "gru-paused.pt"
+    torch.set_num_threads(2)
+    corpus = write_paused_corpus(overfit_corpus, tmp_path_factory.mktemp("paused") / "corpus")
+    cfg = TrainConfig(train=(str(corpus),), dev=(), out=str(tmp_path_factory.mktemp("run-paused")),
+                      arch="gru", hidden_size=128, num_layers=2, conv_channels=16, dropout=0.0,
+                      max_steps=300, batch_seconds=80, lr=3e-3, warmup_steps=20, augment=False,
+                      num_workers=0, log_every=50, save_every=10_000, stats_utterances=50)
+    path = train(cfg)
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(cache) / "gru-paused.pt")
+    return path
+
+
 @pytest.fixture
 def random_stream_model():
     """A randomly initialised small causal model (for exactness tests that need no accuracy)."""

@@ -155,3 +155,112 @@ def test_bad_lm_file_is_a_clear_error(tmp_path, content):
     with pytest.raises(LMError, match="no such"):
         BeamCTCStream(VOCAB, BeamConfig(lm_path=str(tmp_path / "missing.arpa")))
 
+
+# ----------------------------------------------------------------------------- files and streams
+
+
+def _session_events(lm, wave, chunk_samples, **kwargs):
+    from asr.streaming import StreamingSession
+
+    session = StreamingSession(lm, **kwargs)
+    events = []
+    for s in range(0, len(wave), chunk_samples):
+        events += session.push(wave[s:s + chunk_samples])
+    return events + session.flush()
+
+
+@pytest.mark.parametrize("stem", ["9300-1-0088", "9300-1-0087"])  # trained on / never heard
+def test_streaming_beam_finals_equal_the_offline_beam_result(overfit_models, stem):
+    from conftest import SAMPLES, sample_reference
+
+    from asr.audio import load_audio
+    from asr.checkpoint import load_model
+    from asr.transcribe import transcribe_wave
+
+    lm = load_model(overfit_models["gru"])
+    wave = load_audio(SAMPLES / f"{stem}.flac")
+    beam = BeamConfig()
+    offline = transcribe_wave(lm, wave, beam=beam)
+    if stem == "9300-1-0088":
+        assert offline.text == sample_reference(stem).lower()
+    for chunk_samples in (1600, 591):  # 100 ms pushes, and an odd size
+        events = _session_events(lm, wave, chunk_samples, beam=beam)
+        finals = [e for e in events if e.kind == "final"]
+        assert " ".join(e.text for e in finals) == offline.text
+        assert [w.to_dict() for e in finals for w in e.words] == [w.to_dict() for w in offline.words]
+        partials = [e.text for e in events if e.kind == "partial"]
+        assert len(partials) >= 3 and partials[-1]  # the text updated as the audio arrived
+
+
+def test_streaming_beam_without_endpoints_equals_one_search_over_the_file(overfit_models):
+    from conftest import SAMPLES
+
+    from asr.audio import load_audio
+    from asr.checkpoint import load_model
+    from asr.features import log_mel
+
+    lm = load_model(overfit_models["gru"])
+    wave = load_audio(SAMPLES / "9301-1-0005.flac")
+    with torch.inference_mode():
+        feats = lm.stats.normalize(log_mel(wave, lm.feature_config))
+        lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
+    expected = emissions_text(beam_decode(lp[0], lm.vocab), lm.vocab)
+    events = _session_events(lm, wave, 1600, beam=BeamConfig(), endpoint_ms=None)
+    assert [e.text for e in events if e.kind == "final"] == [expected]
+    assert expected == "eight of spades four of clubs seven of hearts"
+
+
+def test_cli_beam_is_the_default_and_greedy_still_works(overfit_models):
+    from click.testing import CliRunner
+    from conftest import SAMPLES, sample_reference
+
+    from cli import cli
+
+    audio = str(SAMPLES / "9302-1-0000.flac")
+    ref = sample_reference("9302-1-0000").lower()
+    for extra in ([], ["--decoder", "beam", "--lm", str(DEFAULT_LM), "--beam-size", "8",
+                       "--lm-weight", "0.5", "--word-score", "1"], ["--decoder", "greedy"]):
+        r = CliRunner().invoke(cli, ["transcribe", "--model", str(overfit_models["bigru"]),
+                                     *extra, audio])
+        assert r.exit_code == 0, r.output
+        assert r.output.strip() == ref
+    r = CliRunner().invoke(cli, ["transcribe", "--stream", "--model", str(overfit_models["gru"]),
+                                 audio])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == ref
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lm", "no/such/lm.arpa"], "no such language model file"),
+    (["--decoder", "greedy", "--lm-weight", "0.3"], "need --decoder beam"),
+])
+def test_cli_decoder_option_errors_are_one_line(overfit_models, args, message):
+    from click.testing import CliRunner
+    from conftest import SAMPLES
+
+    from cli import cli
+
+    r = CliRunner().invoke(cli, ["transcribe", "--model", str(overfit_models["bigru"]), *args,
+                                 str(SAMPLES / "9302-1-0000.flac")])
+    assert r.exit_code == 1
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_cli_evaluate_reports_the_decoder(overfit_models):
+    import json
+
+    from click.testing import CliRunner
+    from conftest import CORPUS
+
+    from cli import cli
+
+    out = {}
+    for decoder in ("greedy", "beam"):
+        r = CliRunner().invoke(cli, ["evaluate", "--data", str(CORPUS / "sphinx"), "--model",
+                                     str(overfit_models["bigru"]), "--decoder", decoder,
+                                     "--format", "json"])
+        assert r.exit_code == 0, r.output
+        out[decoder] = json.loads(r.output.strip().splitlines()[-1])
+    assert out["greedy"]["decoder"] == "greedy"
+    assert out["beam"]["decoder"]["lm_path"] == str(DEFAULT_LM)
+    assert out["beam"]["utterances"] == out["greedy"]["utterances"] == 11

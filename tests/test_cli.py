@@ -1,0 +1,198 @@
+"""The `asr` command line: help for every command, output formats, several inputs, model errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+from conftest import SAMPLES, sample_reference
+
+import asr.checkpoint
+from cli import cli
+
+STEM = "9300-1-0088"  # one of the utterances the overfit models learned
+AUDIO = SAMPLES / f"{STEM}.flac"
+DURATION = sf.info(AUDIO).duration
+TEXT = sample_reference(STEM).lower()
+OTHER = SAMPLES / "9302-1-0000.flac"  # also learned by the overfit models
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def transcribe(*args: str):
+    """`asr transcribe` with the greedy decoder: these tests are about the command, not the LM."""
+    return run("transcribe", "--decoder", "greedy", *args)
+
+
+def ok(r):
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_command_has_help(name):
+    r = ok(run(name, "--help"))
+    assert r.output.startswith("Usage: ") and f" {name} [OPTIONS]" in r.output.splitlines()[0]
+    summary = cli.commands[name].help.strip().split("\n")[0]
+    assert " ".join(summary.split()) in " ".join(r.output.split())  # the docstring, re-wrapped
+    assert ok(run(name, "-h")).output == r.output
+
+
+def test_group_help_lists_every_command():
+    out = ok(run("--help")).output
+    for name in cli.commands:
+        assert re.search(rf"^\s+{name}\s", out, re.M), name
+
+
+def test_version():
+    assert re.search(r"\d+\.\d+\.\d+", ok(run("--version")).output)
+
+
+TS = r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)"
+
+
+def _seconds(m: re.Match) -> float:
+    h, mi, s, ms = (int(x) for x in m.groups())
+    return 3600 * h + 60 * mi + s + ms / 1000
+
+
+def parse_cues(text: str, sep: str) -> list[tuple[float, float, str]]:
+    cues = []
+    for block in text.strip().split("\n\n"):
+        lines = block.splitlines()
+        if lines[0] == "WEBVTT":
+            continue
+        if sep == ",":  # SRT: a running index first
+            assert lines[0] == str(len(cues) + 1)
+            lines = lines[1:]
+        m = re.fullmatch(f"{TS} --> {TS}".replace("[,.]", re.escape(sep)), lines[0])
+        assert m, lines[0]
+        a = _seconds(re.match(TS, m.group(0)))
+        b = _seconds(re.search(TS + "$", m.group(0)))
+        cues.append((a, b, " ".join(lines[1:])))
+    return cues
+
+
+@pytest.mark.parametrize("arch", ["bigru", "gru"])
+def test_txt_is_the_transcript(overfit_models, arch):
+    r = ok(transcribe("--model", overfit_models[arch], AUDIO))
+    assert r.stdout == TEXT + "\n"
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("arch", ["bigru", "gru"])
+def test_json_output(overfit_models, arch):
+    d = json.loads(ok(transcribe("--model", overfit_models[arch], "--format", "json", AUDIO)).stdout)
+    assert set(d) == {"text", "duration", "model", "processing_time", "words"}
+    assert d["text"] == TEXT
+    assert d["duration"] == pytest.approx(DURATION, abs=1e-3)
+    assert d["model"] == overfit_models[arch].stem
+    assert d["processing_time"] > 0
+    assert [w["word"] for w in d["words"]] == TEXT.split()
+    for w in d["words"]:
+        assert set(w) == {"word", "start", "end", "confidence"}
+        assert 0 <= w["start"] < w["end"] <= d["duration"]
+        assert 0 < w["confidence"] <= 1
+    assert all(a["end"] <= b["start"] for a, b in zip(d["words"], d["words"][1:], strict=False))
+
+
+@pytest.mark.parametrize("fmt,sep", [("srt", ","), ("vtt", ".")])
+def test_subtitles_parse_with_monotonic_times_inside_the_audio(overfit_models, fmt, sep):
+    out = ok(transcribe("--model", overfit_models["bigru"], "--format", fmt, AUDIO)).stdout
+    if fmt == "vtt":
+        assert out.startswith("WEBVTT\n\n")
+    cues = parse_cues(out, sep)
+    assert cues
+    assert " ".join(text for _, _, text in cues) == TEXT
+    last_end = 0.0
+    for a, b, _ in cues:
+        assert last_end <= a < b <= DURATION + 1e-3
+        last_end = b
+
+
+def test_output_dir_writes_one_file_per_input_and_format(overfit_models, tmp_path):
+    out = tmp_path / "out" / "nested"
+    for fmt in ("txt", "json", "srt", "vtt"):
+        r = ok(transcribe("--model", overfit_models["bigru"], "--format", fmt,
+                   "--output-dir", out, AUDIO, OTHER))
+        assert r.stdout == ""  # the transcripts went to files
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{s}.{f}" for s in (STEM, "9302-1-0000") for f in ("txt", "json", "srt", "vtt"))
+    assert (out / f"{STEM}.txt").read_text() == TEXT + "\n"
+    assert json.loads((out / "9302-1-0000.json").read_text())["text"] == "go forward ten meters"
+
+
+def test_one_bad_input_among_several(overfit_models, tmp_path):
+    bad = tmp_path / "broken.wav"
+    bad.write_text("not audio")
+    r = transcribe("--model", overfit_models["bigru"], AUDIO, bad, OTHER)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert r.stdout == f"{TEXT}\ngo forward ten meters\n"
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {bad}: cannot decode audio (Format not recognised.)"]
+
+
+def test_missing_default_model_says_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(asr.checkpoint, "DEFAULT_OFFLINE_MODEL", tmp_path / "models" / "bigru.pt")
+    r = transcribe(AUDIO)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert r.stderr.strip().splitlines() == [
+        f"Error: default model {tmp_path / 'models' / 'bigru.pt'} is missing: reinstall from a full "
+        "checkout, or train one with `asr train` and pass it with --model"]
+
+
+def test_missing_model_file(tmp_path):
+    r = transcribe("--model", tmp_path / "nope.pt", AUDIO)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == f"Error: {tmp_path / 'nope.pt'}: no such model file"
+
+
+@pytest.mark.parametrize("args", [
+    ["--format", "docx"], ["--threads", "0"], ["--device", "tpu"], ["--no-such-option"], []])
+def test_usage_errors_exit_2(args):
+    r = transcribe(*args, *([AUDIO] if args else []))
+    assert r.exit_code == 2
+    assert "Usage:" in r.stderr and "Traceback" not in r.output
+
+
+def test_output_dir_that_is_a_file(overfit_models, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    r = transcribe("--model", overfit_models["bigru"], "--output-dir", f, AUDIO)
+    assert r.exit_code == 2  # click refuses the option value itself
+    assert "'--output-dir': Directory" in r.stderr and "is a file" in r.stderr
+    r = transcribe("--model", overfit_models["bigru"], "--output-dir", f / "sub", AUDIO)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert r.stderr.strip() == f"Error: --output-dir {f / 'sub'}: Not a directory"
+    assert f.read_text() == "keep me"
+
+
+def test_output_dir_refuses_inputs_that_would_overwrite_each_other(overfit_models, tmp_path):
+    twin = tmp_path / "a" / f"{STEM}.wav"
+    twin.parent.mkdir()
+    sf.write(twin, sf.read(AUDIO)[0], 16000)
+    r = transcribe("--model", overfit_models["bigru"], "--output-dir", tmp_path / "out", AUDIO, twin)
+    assert r.exit_code == 1
+    assert f"several inputs would write {STEM}.txt" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_stream_needs_a_unidirectional_model(overfit_models):
+    r = transcribe("--stream", "--model", overfit_models["bigru"], AUDIO)
+    assert r.exit_code == 1
+    assert "--stream needs a unidirectional model" in r.stderr
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(overfit_models):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    r = transcribe("--device", "cuda", "--model", overfit_models["bigru"], AUDIO)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == "Error: --device cuda: no CUDA GPU is available"

@@ -1,0 +1,146 @@
+"""CTC model: step() streaming equals forward(), batching is invisible, lengths are right."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLES
+
+from asr.audio import load_audio
+from asr.features import log_mel
+from asr.model import CTCModel, ModelConfig, output_lengths
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Frame-by-frame stepping is dominated by per-call overhead, which extra threads only add to."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small(bidirectional: bool, cell: str = "gru", seed: int = 0) -> CTCModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(bidirectional=bidirectional, cell=cell, hidden_size=32, num_layers=2,
+                      conv_channels=8, dropout=0.1)
+    return CTCModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def feats() -> torch.Tensor:
+    """(T, F) roughly normalised log-mel of real speech, T odd (exercises ceil lengths)."""
+    f = log_mel(load_audio(SAMPLES / "9302-1-0000.flac"))
+    f = (f - f.mean()) / f.std()
+    return f[: f.shape[0] - (1 - f.shape[0] % 2)]
+
+
+def chained(model: CTCModel, x: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    state = model.init_state()
+    bounds = [0, *cuts, x.shape[0]]
+    out = []
+    with torch.no_grad():
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            lp, state = model.step(x[None, a:b], state)
+            out.append(lp[0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_step_chained_over_any_split_equals_forward(feats, cell):
+    model = small(bidirectional=False, cell=cell)
+    with torch.no_grad():
+        full, n_out = model(feats[None], torch.tensor([feats.shape[0]]))
+    full = full[0, : n_out[0]]
+    rng = np.random.default_rng(1)
+    splits = [[], list(range(1, feats.shape[0])),  # whole, then one frame at a time
+              list(range(4, feats.shape[0], 4)), list(range(7, feats.shape[0], 7))]
+    splits += [sorted(rng.choice(np.arange(1, feats.shape[0]), 12, replace=False).tolist())
+               for _ in range(3)]
+    for cuts in splits:
+        got = chained(model, feats, cuts)
+        assert got.shape == full.shape
+        torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-5)
+
+
+def test_step_does_not_modify_the_state_it_is_given(feats):
+    model = small(bidirectional=False)
+    s0 = model.init_state()
+    with torch.no_grad():
+        a, s1 = model.step(feats[None, :40], s0)
+        b, _ = model.step(feats[None, :40], s0)  # same input from the same state: same output
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(s1.hidden, s0.hidden)
+
+
+def test_step_with_no_frames_changes_nothing(feats):
+    model = small(bidirectional=False)
+    with torch.no_grad():
+        lp, state = model.step(feats[None, :0], model.init_state())
+    assert lp.shape == (1, 0, model.cfg.vocab_size)
+    torch.testing.assert_close(chained(model, feats, [0, 0, 13]), chained(model, feats, []))
+    assert torch.equal(state.hidden, model.init_state().hidden)
+
+
+def test_bidirectional_model_refuses_to_stream(feats):
+    model = small(bidirectional=True)
+    with pytest.raises(RuntimeError, match="cannot stream"):
+        model.init_state()
+    uni_state = small(bidirectional=False).init_state()
+    with pytest.raises(RuntimeError, match="cannot stream"):
+        model.step(feats[None, :10], uni_state)
+
+
+def test_step_needs_eval_mode(feats):
+    model = small(bidirectional=False).train()
+    with pytest.raises(AssertionError, match="eval"):
+        model.step(feats[None, :10], model.init_state())
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_padded_batch_equals_each_utterance_alone(feats, bidirectional):
+    model = small(bidirectional)
+    lengths = [feats.shape[0], 57, 30, 9]
+    batch = torch.zeros(len(lengths), max(lengths), feats.shape[1])
+    for i, n in enumerate(lengths):
+        batch[i, :n] = feats[i * 3: i * 3 + n] if n < feats.shape[0] else feats
+    with torch.no_grad():
+        lp, n_out = model(batch, torch.tensor(lengths))
+        for i, n in enumerate(lengths):
+            alone, n1 = model(batch[i: i + 1, :n], torch.tensor([n]))
+            assert n_out[i] == n1[0]
+            torch.testing.assert_close(lp[i, : n_out[i]], alone[0, : n1[0]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_output_shapes_and_log_probabilities(feats, bidirectional):
+    model = small(bidirectional)
+    with torch.no_grad():
+        lp, n_out = model(feats[None], torch.tensor([feats.shape[0]]))
+    assert lp.dtype == torch.float32
+    assert lp.shape == (1, -(-feats.shape[0] // 4), model.cfg.vocab_size)
+    assert n_out.tolist() == [-(-feats.shape[0] // 4)]
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:2]))
+
+
+@pytest.mark.parametrize("n,expected", [(1, 1), (4, 1), (5, 2), (8, 2), (9, 3), (100, 25), (101, 26)])
+def test_output_lengths_are_ceil_of_a_quarter(n, expected):
+    assert output_lengths(torch.tensor([n])).tolist() == [expected]
+
+
+def test_causal_model_ignores_the_future(feats):
+    """Output frame j of the streaming model depends on input frames up to 4j + 3 only."""
+    model = small(bidirectional=False)
+    changed = feats.clone()
+    changed[40:] = torch.randn_like(changed[40:])
+    with torch.no_grad():
+        a, _ = model(feats[None], torch.tensor([feats.shape[0]]))
+        b, _ = model(changed[None], torch.tensor([feats.shape[0]]))
+    torch.testing.assert_close(a[0, :10], b[0, :10])
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_unknown_cell_is_refused():
+    with pytest.raises(ValueError, match="unknown cell 'transformer'"):
+        CTCModel(ModelConfig(cell="transformer"))

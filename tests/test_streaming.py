@@ -1,0 +1,215 @@
+"""Streaming session: exactly offline decoding for any chunking, endpointing, reset, resampling,
+and the shared live loop (Ctrl-C flushes)."""
+
+from __future__ import annotations
+
+import jiwer
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLES, sample_reference
+
+from asr.audio import load_audio, resample
+from asr.checkpoint import load_model
+from asr.decoding import GreedyCTCStream, greedy_decode
+from asr.live import run_stream
+from asr.streaming import StreamingSession, transcribe_stream_wave
+from asr.transcribe import decode_wave
+
+RATE = 16000
+STEMS = sorted(p.stem for p in SAMPLES.glob("*.flac"))
+
+
+def feed(session: StreamingSession, wave: np.ndarray, sizes) -> list:
+    """Push `wave` in pieces of the given sizes (samples), then flush; all events."""
+    events, pos = [], 0
+    for n in sizes:
+        if pos >= len(wave):
+            break
+        events += session.push(wave[pos:pos + n])
+        pos += n
+    assert pos >= len(wave)
+    return events + session.flush()
+
+
+def even(wave: np.ndarray, chunk_ms: float, rate: int = RATE) -> list[int]:
+    n = max(1, round(rate * chunk_ms / 1000))
+    return [n] * (len(wave) // n + 1)
+
+
+def finals(events) -> list:
+    return [e for e in events if e.kind == "final"]
+
+
+def word_tuples(words) -> list[tuple]:
+    return [(w.word, w.start, w.end) for w in words]
+
+
+def assert_same_as_offline(lm, wave, events):
+    """One final utterance whose text, word timings and confidences equal offline decoding."""
+    words, text = decode_wave(lm, wave)
+    (final,) = finals(events)
+    assert final.text == text
+    assert word_tuples(final.words) == word_tuples(words)
+    assert [w.confidence for w in final.words] == pytest.approx([w.confidence for w in words],
+                                                                abs=1e-4)
+    partials = [e.text for e in events if e.kind == "partial"]
+    assert all(text.startswith(p) for p in partials)  # partials only ever grow
+
+
+@pytest.mark.parametrize("chunk_ms", [10, 40, 100, 1000, 2000])
+def test_any_chunk_size_equals_offline(random_stream_model, chunk_ms):
+    lm = random_stream_model
+    for stem in STEMS:
+        wave = load_audio(SAMPLES / f"{stem}.flac")
+        session = StreamingSession(lm, endpoint_ms=None)
+        events = feed(session, wave, even(wave, chunk_ms))
+        assert_same_as_offline(lm, wave, events)
+        assert session.seconds == pytest.approx(len(wave) / RATE)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_chunkings_equal_offline(random_stream_model, seed):
+    rng = np.random.default_rng(seed)
+    wave = load_audio(SAMPLES / "9300-1-0087.flac")
+    sizes = rng.integers(1, 6000, size=len(wave)).tolist()  # includes 1-sample and empty-frame pushes
+    events = feed(StreamingSession(random_stream_model, endpoint_ms=None), wave, sizes)
+    assert_same_as_offline(random_stream_model, wave, events)
+
+
+def test_real_model_stream_equals_offline_text(overfit_models):
+    lm = load_model(overfit_models["gru"])
+    for stem in STEMS:
+        wave = load_audio(SAMPLES / f"{stem}.flac")
+        words, text = decode_wave(lm, wave)
+        t = transcribe_stream_wave(lm, wave)
+        assert t.text == text
+        assert word_tuples(t.words) == word_tuples(words)
+    # the utterances the model learned come out right
+    assert transcribe_stream_wave(lm, load_audio(SAMPLES / "9300-1-0088.flac")).text == \
+        sample_reference("9300-1-0088").lower()
+
+
+def _one_hot_log_probs(tokens: list[int], vocab_size: int = 29) -> torch.Tensor:
+    logits = torch.full((len(tokens), vocab_size), -5.0)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 5.0
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_token_repeated_across_chunk_boundary_is_emitted_once():
+    # frames: a a | a _ a b | b | b c c ; "a" spans the first boundary, "b" two of them
+    frames = [3, 3, 3, 0, 3, 4, 4, 4, 5, 5]
+    lp = _one_hot_log_probs(frames)
+    dec = GreedyCTCStream()
+    emitted = []
+    for a, b in [(0, 2), (2, 6), (6, 7), (7, 10)]:
+        emitted += [e.token for e in dec.push(lp[a:b])]
+    (offline,) = greedy_decode(lp[None], torch.tensor([len(frames)]))
+    assert emitted == offline == [3, 3, 4, 5]
+    assert [(e.start, e.end) for e in dec.emissions] == [(0, 3), (4, 5), (5, 8), (8, 10)]
+
+
+def _two_utterances(gap_s: float = 1.5) -> tuple[np.ndarray, int]:
+    a = load_audio(SAMPLES / "9300-1-0088.flac")
+    b = load_audio(SAMPLES / "9302-1-0000.flac")
+    rng = np.random.default_rng(0)
+    silence = (1e-4 * rng.standard_normal(round(gap_s * RATE))).astype(np.float32)  # a quiet room
+    return np.concatenate([a, silence, b]), len(a)
+
+
+def test_endpoint_splits_utterances_at_silence(overfit_models):
+    lm = load_model(overfit_models["gru"])
+    wave, len_a = _two_utterances()
+    session = StreamingSession(lm, endpoint_ms=800)
+    chunk = RATE // 10
+    first_final_at = None
+    events = []
+    for s in range(0, len(wave), chunk):
+        new = session.push(wave[s:s + chunk])
+        if first_final_at is None and finals(new):
+            first_final_at = session.seconds
+        events += new
+    events += session.flush()
+    fin = finals(events)
+    assert [e.utterance for e in fin] == [0, 1]
+    # closed by the silence, not by the end of the stream
+    assert first_final_at is not None and first_final_at < len_a / RATE + 1.5
+    assert fin[0].end <= len_a / RATE + 0.1 < len_a / RATE + 1.4 <= fin[1].start
+    assert fin[0].text == sample_reference("9300-1-0088").lower()
+    assert fin[1].text == sample_reference("9302-1-0000").lower()
+    _, offline = decode_wave(lm, wave)
+    assert " ".join(e.text for e in fin) == offline
+
+    # without endpointing, one utterance with the same words
+    events = feed(StreamingSession(lm, endpoint_ms=None), wave, even(wave, 100))
+    (only,) = finals(events)
+    assert only.text == offline
+    assert word_tuples(only.words) == word_tuples([w for e in fin for w in e.words])
+
+
+def test_reset_restores_the_initial_state(overfit_models):
+    lm = load_model(overfit_models["gru"])
+    a = load_audio(SAMPLES / "9300-1-0087.flac")
+    b = load_audio(SAMPLES / "9301-1-0005.flac")
+    for rate in (RATE, 48000):
+        a_r, b_r = resample(a, RATE, rate), resample(b, RATE, rate)
+        sizes = even(b_r, 100, rate)
+        fresh = feed(StreamingSession(lm, sample_rate=rate), b_r, sizes)
+        assert finals(fresh)
+        session = StreamingSession(lm, sample_rate=rate)
+        for s in range(0, len(a_r) * 2 // 3, rate // 10):  # mid-utterance, never flushed
+            session.push(a_r[s:s + rate // 10])
+        session.reset()
+        assert feed(session, b_r, sizes) == fresh
+        session.reset()  # and after a flushed stream
+        assert feed(session, b_r, sizes) == fresh
+
+
+@pytest.mark.parametrize("rate", [44100, 48000])
+def test_other_input_rates_are_resampled(overfit_models, rate):
+    lm = load_model(overfit_models["gru"])
+    for stem in ("9300-1-0088", "9301-1-0005"):
+        wave = load_audio(SAMPLES / f"{stem}.flac")
+        native = " ".join(e.text for e in finals(feed(StreamingSession(lm), wave, even(wave, 100))))
+        high = load_audio(SAMPLES / f"{stem}.flac", sample_rate=rate)
+        session = StreamingSession(lm, sample_rate=rate)
+        events = feed(session, high, even(high, 100, rate))
+        text = " ".join(e.text for e in finals(events))
+        assert session.seconds == pytest.approx(len(wave) / RATE, abs=0.01)
+        assert jiwer.cer(native, text) <= 0.05, (native, text)
+        assert finals(events)[-1].end == pytest.approx(finals(
+            feed(StreamingSession(lm), wave, even(wave, 100)))[-1].end, abs=0.08)
+
+
+def test_run_stream_flushes_and_closes_the_source_on_ctrl_c(overfit_models):
+    lm = load_model(overfit_models["gru"])
+    wave = load_audio(SAMPLES / "9300-1-0087.flac")
+    stop = 3 * RATE
+    closed = []
+
+    def microphone():  # yields 3 s of speech, then the user presses Ctrl-C
+        try:
+            for s in range(0, stop, RATE // 10):
+                yield wave[s:s + RATE // 10]
+            raise KeyboardInterrupt
+        finally:
+            closed.append(True)
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(StreamingSession(lm), microphone(), seen.append)
+    assert closed == [True]
+    expected = finals(feed(StreamingSession(lm), wave[:stop], even(wave[:stop], 100)))
+    assert expected and finals(seen) == expected
+    assert seen[-1].kind == "final"
+
+
+def test_partial_events_do_not_regroup_the_stream(random_stream_model):
+    """Per-chunk work is bounded by the current utterance: finals drop the emissions."""
+    lm = random_stream_model
+    session = StreamingSession(lm, endpoint_ms=None)
+    wave = load_audio(SAMPLES / "9300-1-0087.flac")
+    events = [e for s in range(0, len(wave), 1600) for e in session.push(wave[s:s + 1600])]
+    assert events and all(e.kind == "partial" and e.words == [] for e in events)
+    session.flush()
+    assert session.decoder.emissions == []

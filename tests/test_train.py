@@ -1,0 +1,216 @@
+"""Training: exact resume, run outputs (metrics, plot, checkpoints, best model), DDP under torchrun.
+
+Tiny models (hidden 32) on a few short real recordings from tests/fixtures, a few steps each.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import CORPUS, make_subcorpus
+
+from asr.audio import load_audio
+from asr.checkpoint import read_checkpoint
+from asr.data import scan_corpus
+from asr.features import log_mel
+from asr.text import Vocab
+from asr.train import CKPT_DIR, TrainConfig, get_lr, train
+from cli import cli
+
+TRAIN_IDS = ("9301-1-0001", "9301-1-0002", "9301-1-0003", "9301-1-0004", "9301-1-0005",
+             "9302-1-0000", "9300-1-0088")
+DEV_IDS = ("9300-1-0093", "9301-1-0004")
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpora")
+    return (make_subcorpus(CORPUS / "sphinx", root / "train", TRAIN_IDS),
+            make_subcorpus(CORPUS / "sphinx", root / "dev", DEV_IDS))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(tmp_path_factory):
+    """Same thread count everywhere, so runs compare bit for bit; a private manifest cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ASR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+def tiny_config(corpora, out: Path, **kw) -> TrainConfig:
+    train_dir, dev_dir = corpora
+    base = dict(train=(str(train_dir),), dev=(str(dev_dir),), out=str(out), hidden_size=32,
+                num_layers=2, conv_channels=4, dropout=0.2, max_steps=7, batch_seconds=8.0,
+                warmup_steps=2, num_workers=0, save_every=2, log_every=1, eval_every=3,
+                keep_last=2, stats_utterances=50)  # augmentation stays on (the default)
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run: Path, step: int) -> dict:
+    return read_checkpoint(run / CKPT_DIR / f"step-{step:08d}.pt")["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpora, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("reference")
+    train(tiny_config(corpora, run))
+    return run
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_interrupted_and_resumed_run_equals_uninterrupted(corpora, reference_run, tmp_path,
+                                                          num_workers):
+    cfg = tiny_config(corpora, tmp_path / "run", num_workers=num_workers)
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=interrupt)
+    saved = sorted(p.name for p in (tmp_path / "run" / CKPT_DIR).glob("step-*.pt"))
+    assert saved[-1] < "step-00000005.pt"  # steps after the last checkpoint are trained again
+    train(cfg, resume=True)
+
+    ref, got = final_weights(reference_run, 7), final_weights(tmp_path / "run", 7)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6, msg=k)
+    # the same batches, augmentation and dropout: the per-step losses and dev scores match too
+    ref_rows = {(r["event"], r["step"]): r for r in metrics(reference_run)}
+    got_rows = {(r["event"], r["step"]): r for r in metrics(tmp_path / "run")}
+    assert ref_rows.keys() == got_rows.keys()  # metrics.jsonl rewound to the checkpoint: no repeats
+    for key, r in ref_rows.items():
+        field = "loss" if key[0] == "train" else "dev_wer"
+        assert got_rows[key][field] == pytest.approx(r[field], rel=1e-5), key
+
+
+def test_run_folder_holds_metrics_plot_checkpoints_and_best(corpora, reference_run):
+    rows = metrics(reference_run)
+    train_rows = [r for r in rows if r["event"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 8))  # log_every=1
+    for r in train_rows:
+        assert r["loss"] > 0 and math.isfinite(r["loss"]) and r["audio_s_per_s"] > 0
+        assert r["lr"] == pytest.approx(get_lr(r["step"] - 1, 7, tiny_config(corpora, reference_run)))
+    dev_rows = [r for r in rows if r["event"] == "dev"]
+    epochs_done = {r["epoch"] for r in dev_rows}
+    assert {3, 6} <= {r["step"] for r in dev_rows}  # eval_every=3
+    assert 7 in {r["step"] for r in dev_rows}  # and the end of the run
+    assert len(epochs_done) >= 2  # epoch ends evaluate too
+    assert (reference_run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # keep the last 2 step checkpoints, plus best.pt = the lowest dev WER so far
+    assert sorted(p.name for p in (reference_run / CKPT_DIR).glob("*")) == \
+        ["step-00000006.pt", "step-00000007.pt"]
+    best = read_checkpoint(reference_run / "best.pt")
+    assert best["meta"]["dev_wer"] == min(r["dev_wer"] for r in dev_rows)
+    assert "optimizer" not in best
+
+    # global feature statistics of the training audio, stored in every checkpoint
+    utts, _ = scan_corpus(corpora[0], Vocab())
+    frames = torch.cat([log_mel(load_audio(u.path)) for u in utts]).double()
+    for ck in [best, read_checkpoint(reference_run / CKPT_DIR / "step-00000007.pt")]:
+        torch.testing.assert_close(ck["feature_stats"]["mean"].double(), frames.mean(0),
+                                   rtol=0, atol=1e-3)
+        torch.testing.assert_close(ck["feature_stats"]["std"].double(), frames.std(0, correction=0),
+                                   rtol=0, atol=1e-3)
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TrainConfig(train=("x",), dev=(), out="x", lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [get_lr(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert get_lr(100, 100, cfg) == pytest.approx(1e-4)
+
+
+def test_cli_refuses_to_start_over_an_existing_run(corpora, reference_run):
+    r = CliRunner().invoke(cli, ["train", "--train", str(corpora[0]), "--out", str(reference_run),
+                                 "--max-steps", "1"])
+    assert r.exit_code == 1 and "--resume" in r.output and "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------------------- several processes
+
+DDP_DRIVER = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from cli import cli
+from asr.train import TrainConfig, train
+
+dist.init_process_group("gloo")  # kept across the two runs below (train() leaves it alone)
+args, ref, run = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+saved = json.loads((Path(ref) / "train_config.json").read_text())  # the reference's very recipe
+cfg = TrainConfig(**{**saved, "out": run, "train": tuple(saved["train"]), "dev": tuple(saved["dev"])})
+def interrupt(step):
+    if step == 3:
+        raise KeyboardInterrupt
+try:
+    train(cfg, on_step=interrupt)
+except KeyboardInterrupt:
+    pass
+cli.main(["train", *args, "--out", run, "--resume"], standalone_mode=False)
+dist.destroy_process_group()
+"""
+
+
+def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", *map(str, args)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_step_and_share_each_epoch(tmp_path, corpora):
+    """`asr train` under torchrun with 2 CPU processes (gloo): identical weights on both ranks, each
+    epoch's utterances split between them exactly once, rank 0 alone writing; and a run
+    interrupted in the middle resumes to the same weights."""
+    args = ["--train", corpora[0], "--dev", corpora[1], "--hidden-size", "32",
+            "--num-layers", "2", "--conv-channels", "4", "--dropout", "0.2", "--epochs", "2",
+            "--batch-seconds", "5", "--warmup-steps", "2", "--num-workers", "0", "--save-every", "2",
+            "--log-every", "1", "--threads", "1", "--debug-ranks"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    out = torchrun("-m", "cli", "train", *args, "--out", ref, cwd=tmp_path).stdout
+    assert out.count("train: 7 utterances") == 1  # rank 0 alone prints
+    assert out.count("model: ") == 1
+
+    utts = {u.id for u in scan_corpus(corpora[0], Vocab())[0]}
+    ranks = [json.loads((ref / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["params"] == ranks[1]["params"]  # DDP keeps the replicas identical
+    assert ranks[0]["step"] == ranks[1]["step"] > 3
+    seen = collections.Counter(tuple(x) for r in ranks for x in r["seen"])
+    assert set(seen.values()) == {1}  # no utterance twice in an epoch, across both ranks
+    for epoch in (0, 1):
+        assert {uid for e, uid in seen if e == epoch} == utts  # and none left out
+    steps = [r["step"] for r in metrics(ref) if r["event"] == "train"]
+    assert steps == list(range(1, ranks[0]["step"] + 1))  # one writer: no duplicated rows
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    torchrun(driver, json.dumps([str(a) for a in args]), ref, run, cwd=tmp_path)
+    resumed = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert resumed[0]["params"] == resumed[1]["params"]
+    for k, v in ranks[0]["params"].items():
+        assert resumed[0]["params"][k] == pytest.approx(v, abs=1e-6), k
