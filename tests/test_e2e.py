@@ -3,9 +3,9 @@
 import json
 
 from click.testing import CliRunner
+from conftest import CORPUS, OVERFIT_IDS
 
 from cli import cli
-from conftest import CORPUS, OVERFIT_IDS
 
 
 def _refs():
