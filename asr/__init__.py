@@ -12,14 +12,14 @@ import os
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .streaming import StreamEvent, StreamingSession
-from .transcribe import Transcript, transcribe_wave
+from .transcribe import Transcript, transcribe_file, transcribe_wave
 
 
 def transcribe(lm: LoadedModel, audio: str | os.PathLike) -> Transcript:
-    """Transcribe an audio file with a loaded model."""
-    return transcribe_wave(lm, load_audio(audio, lm.feature_config.sample_rate))
+    """Transcribe an audio file of any length with a loaded model (bounded memory)."""
+    return transcribe_file(lm, audio)
 
 
 __all__ = ["SAMPLE_RATE", "AudioError", "CheckpointError", "LoadedModel", "StreamEvent",
            "StreamingSession", "Transcript", "load_audio", "load_model", "transcribe",
-           "transcribe_wave"]
+           "transcribe_file", "transcribe_wave"]
