@@ -15,6 +15,9 @@ from torch import Tensor
 
 from .text import Vocab, word_spans
 
+WORD_BREAK_S = 0.8  # a pause at least this long between two characters separates words
+# (the default streaming endpoint: utterances it closes never share a word)
+
 
 @dataclass
 class Emission:
@@ -81,17 +84,31 @@ class GreedyCTCStream:
         self.emissions = []
 
 
+def break_long_gaps(spans: list[tuple[int, int]], emissions: list[Emission],
+                    gap_frames: float) -> list[tuple[int, int]]:
+    """Split word spans where consecutive emissions are `gap_frames` or more apart."""
+    out = []
+    for a, b in spans:
+        for i in range(a + 1, b):
+            if emissions[i].start - emissions[i - 1].end >= gap_frames:
+                out.append((a, i))
+                a = i
+        out.append((a, b))
+    return out
+
+
 def emissions_to_words(emissions: list[Emission], vocab: Vocab, frame_seconds: float,
                        offset_s: float = 0.0, max_end_s: float | None = None) -> list[Word]:
     """Group character emissions into words with times (seconds) and confidences.
 
-    The last output frame may reach past the audio (frames are 40 ms); `max_end_s`, the end of the
-    audio, clamps the times.
+    A space token or a pause of WORD_BREAK_S without emissions ends a word (so an utterance
+    closed by a streaming endpoint never shares a word with the next one). The last output frame
+    may reach past the audio (frames are 40 ms); `max_end_s`, the end of the audio, clamps the times.
     """
     chars = [vocab.tokens[e.token] for e in emissions]
     limit = float("inf") if max_end_s is None else max_end_s
     words = []
-    for a, b in word_spans(chars):
+    for a, b in break_long_gaps(word_spans(chars), emissions, WORD_BREAK_S / frame_seconds):
         span = emissions[a:b]
         end = min(offset_s + span[-1].end * frame_seconds, limit)
         words.append(Word(

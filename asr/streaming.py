@@ -20,7 +20,7 @@ import torch
 
 from .beam import BeamConfig, BeamCTCStream, emissions_text
 from .checkpoint import LoadedModel
-from .decoding import GreedyCTCStream, Word, emissions_to_words
+from .decoding import WORD_BREAK_S, Emission, GreedyCTCStream, Word, emissions_to_words
 from .features import OnlineLogMel
 from .transcribe import Transcript
 
@@ -75,6 +75,7 @@ class StreamingSession:
         # output frames of non-speech that close an utterance
         self._endpoint_frames = (None if endpoint_ms is None
                                  else max(1, round(endpoint_ms / 1000 / self.frame_s)))
+        self._break_frames = WORD_BREAK_S / self.frame_s
         vocab = lm.vocab
         self._non_speech = {vocab.blank_id} | ({vocab.space_id} if vocab.space_id is not None else set())
         self.reset()
@@ -96,6 +97,7 @@ class StreamingSession:
         self._trailing = 0  # output frames of non-speech since the last letter
         self._has_speech = False  # the current utterance has a letter
         self._raw = ""  # characters emitted in the current utterance (spaces uncollapsed)
+        self._last_emission: Emission | None = None  # of the current utterance
         self._last_partial = ""
 
     @property
@@ -107,7 +109,12 @@ class StreamingSession:
         """Feed (T', V) log-probs to the decoder and extend the utterance's raw text."""
         if log_probs.shape[0]:
             tokens = self.lm.vocab.tokens
-            self._raw += "".join(tokens[e.token] for e in self.decoder.push(log_probs))
+            for e in self.decoder.push(log_probs):
+                last = self._last_emission
+                if last is not None and e.start - last.end >= self._break_frames:
+                    self._raw += " "  # a long pause separates words, as in emissions_to_words
+                self._raw += tokens[e.token]
+                self._last_emission = e
             if self.beam is not None:
                 self.beam.push(log_probs)
 
@@ -155,6 +162,7 @@ class StreamingSession:
         self.decoder.emissions = []  # the decoder keeps its frame count and last token
         self._has_speech = False
         self._raw = ""
+        self._last_emission = None
         self._last_partial = ""
         if self.reset_on_endpoint:
             self.state = self.lm.model.init_state(device=self.lm.device)

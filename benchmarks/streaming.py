@@ -2,7 +2,8 @@
 and resident memory over a long continuous stream.
 
     python benchmarks/streaming.py [--model models/gru-stream.pt] [--chunk-ms 40 100 200]
-        [--timing-seconds 120] [--latency-utterances 40] [--memory-minutes 1 10 60]
+        [--decoder greedy beam] [--timing-seconds 120] [--latency-utterances 40]
+        [--memory-minutes 1 10 60]
         [--state-data ../shared/data/librispeech-dev [--state-utterances 40]]
 
 The audio is the speech in samples/ with 1.5 s of quiet noise after each utterance, looped, and fed
@@ -77,12 +78,12 @@ def percentile_ms(values: list[float], q: float) -> float:
     return 1000 * float(np.percentile(values, q))
 
 
-def timing(lm, program, chunk_ms: int, seconds: float) -> tuple[float, float, float]:
+def timing(lm, program, chunk_ms: int, seconds: float, beam=None) -> tuple[float, float, float]:
     """(p50 ms, p95 ms, RTF) of push() over `seconds` of continuous audio."""
     from asr.streaming import StreamingSession
 
     chunk = RATE * chunk_ms // 1000
-    session = StreamingSession(lm)
+    session = StreamingSession(lm, beam=beam)
     for piece in looped_chunks(program, chunk, RATE):  # warm-up: 1 s
         session.push(piece)
     session.reset()
@@ -94,12 +95,12 @@ def timing(lm, program, chunk_ms: int, seconds: float) -> tuple[float, float, fl
     return percentile_ms(times, 50), percentile_ms(times, 95), sum(times) / seconds
 
 
-def final_latency(lm, utts, chunk_ms: int, n: int) -> tuple[float, float]:
+def final_latency(lm, utts, chunk_ms: int, n: int, beam=None) -> tuple[float, float]:
     """(p50 ms, p95 ms) of last-chunk push() + flush() over n utterances."""
     from asr.streaming import StreamingSession
 
     chunk = RATE * chunk_ms // 1000
-    session = StreamingSession(lm)
+    session = StreamingSession(lm, beam=beam)
     lat = []
     for i in range(n):
         u = utts[i % len(utts)]
@@ -115,11 +116,12 @@ def final_latency(lm, utts, chunk_ms: int, n: int) -> tuple[float, float]:
     return percentile_ms(lat, 50), percentile_ms(lat, 95)
 
 
-def memory(lm, program, minutes: list[float], chunk_ms: int = 100) -> list[tuple[str, float]]:
+def memory(lm, program, minutes: list[float], chunk_ms: int = 100,
+           beam=None) -> list[tuple[str, float]]:
     """RSS (MB) after 10 s and after each number of minutes of continuous audio."""
     from asr.streaming import StreamingSession
 
-    session = StreamingSession(lm)
+    session = StreamingSession(lm, beam=beam)
     marks = [(10 / 60, "10 s")] + [(m, f"{m:g} min") for m in sorted(minutes)]
     rows, pos = [], 0
     for piece in looped_chunks(program, RATE * chunk_ms // 1000, int(marks[-1][0] * 60 * RATE)):
@@ -182,6 +184,9 @@ def main() -> None:
     ap.add_argument("--latency-utterances", type=int, default=40)
     ap.add_argument("--memory-minutes", type=float, nargs="*", default=[1, 10, 60],
                     help="RSS after these many minutes of audio (none: skip)")
+    ap.add_argument("--decoder", nargs="+", choices=["greedy", "beam"], default=["greedy", "beam"],
+                    help="decoders to time (beam: word LM beam search, the CLI default); memory "
+                         "is measured with the last")
     ap.add_argument("--state-data", nargs="*", default=[],
                     help="dev corpus folder(s): also compare keeping and resetting the hidden "
                          "state at endpoints (WER)")
@@ -210,13 +215,22 @@ def main() -> None:
           f"torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs\n")
 
-    print("| chunk | push p50 | push p95 | RTF | final text p50 | final text p95 |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for ms in args.chunk_ms:
-        p50, p95, rtf = timing(lm, program, ms, args.timing_seconds)
-        l50, l95 = final_latency(lm, utts, ms, args.latency_utterances)
-        print(f"| {ms} ms | {p50:.2f} ms | {p95:.2f} ms | {rtf:.4f} | {l50:.1f} ms | {l95:.1f} ms |",
-              flush=True)
+    decoders = {}
+    for name in args.decoder:
+        if name == "greedy":
+            decoders[name] = None
+        else:
+            from asr.beam import BeamConfig
+
+            decoders[name] = BeamConfig()
+    print("| decoder | chunk | push p50 | push p95 | RTF | final text p50 | final text p95 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, beam in decoders.items():
+        for ms in args.chunk_ms:
+            p50, p95, rtf = timing(lm, program, ms, args.timing_seconds, beam)
+            l50, l95 = final_latency(lm, utts, ms, args.latency_utterances, beam)
+            print(f"| {name} | {ms} ms | {p50:.2f} ms | {p95:.2f} ms | {rtf:.4f} | {l50:.1f} ms "
+                  f"| {l95:.1f} ms |", flush=True)
 
     if args.state_data:
         rows = endpoint_state(lm, args.state_data, args.state_utterances, args.state_group)
@@ -227,9 +241,10 @@ def main() -> None:
             print(f"| {label} | {100 * c.wer:.2f} % | {100 * c.cer:.2f} % | {n} |", flush=True)
 
     if args.memory_minutes:
-        print("\n| continuous audio (100 ms chunks) | RSS |")
+        name, beam = list(decoders.items())[-1]
+        print(f"\n| continuous audio ({name}, 100 ms chunks) | RSS |")
         print("|---|---:|")
-        for label, mb in memory(lm, program, args.memory_minutes):
+        for label, mb in memory(lm, program, args.memory_minutes, beam=beam):
             print(f"| {label} | {mb:.1f} MB |", flush=True)
 
 
