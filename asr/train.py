@@ -235,6 +235,11 @@ class _StopSignal:
             raise KeyboardInterrupt
         if self.requested_at is None:
             self.requested_at = now
+            # the same signal may end the DataLoader workers (SIGTERM to every process of a job):
+            # torch's SIGCHLD handler would then raise at any line, even while the checkpoint is
+            # written. Without it a dead worker shows up at the next batch (_WorkersStopped).
+            if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous:
+                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving "
                              f"a checkpoint (again to quit at once)\n")
         elif now - self.requested_at > self.grace_s:
@@ -248,14 +253,35 @@ class _StopSignal:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: installed outside Python, nothing to restore
+                signal.signal(sig, handler)
 
 
 def _quiet_worker(_worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops cleanly after a
-    step; a worker killed by the terminal's Ctrl-C would otherwise break the batch being read."""
+    """DataLoader workers leave the terminal's Ctrl-C (sent to the whole process group) to the main
+    process, which stops cleanly after a step. SIGTERM keeps its default: it is how workers are
+    ended when the main process exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _WorkersStopped(Exception):
+    """The DataLoader workers died from the stop signal that also reached the main process."""
+
+
+def _batches(loader, stop: _StopSignal):
+    """Iterate a DataLoader; a worker failure after a stop request (SIGTERM sent to every process,
+    as cluster schedulers do) becomes _WorkersStopped, so the run can still checkpoint and stop."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if stop.requested:
+                raise _WorkersStopped from None
+            raise
+        yield batch
 
 
 def _worker_error_message(e: Exception) -> str:
@@ -514,6 +540,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
     window = {"loss": 0.0, "n": 0, "audio_s": 0.0, "t": time.time()}
     speed = {"audio_s": 0.0, "t": time.time()}  # for the bar: audio seconds per wall second, smoothed
     stop.armed = True
+    batches = None
     try:
         while state.step < total_steps:
             sampler.set_epoch(state.epoch, skip=state.batch_in_epoch)
@@ -522,7 +549,8 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
                 worker_init_fn=_quiet_worker if cfg.num_workers else None,
                 generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
-            for batch in loader:
+            batches = _batches(loader, stop)
+            for batch in batches:
                 lr = get_lr(state.step, total_steps, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -589,6 +617,13 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 checkpoint()
                 continue
             break
+    except _WorkersStopped:
+        if world > 1:  # the ranks cannot agree on a checkpoint any more: the last one stays
+            raise TrainingInterrupted(f"stopped at step {state.step} (data workers ended before "
+                                      f"a checkpoint could be written)") from None
+        path = checkpoint(final=True) if saved_step != state.step else \
+            out / CKPT_DIR / f"step-{state.step:08d}.pt"
+        raise TrainingInterrupted(f"stopped at step {state.step}; checkpoint {path}") from None
     except AudioError as e:
         message = _worker_error_message(e)
         if world == 1 and saved_step != state.step:
@@ -597,6 +632,8 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                          f"with --resume") from None
     finally:
         bar.close()
+        if batches is not None:
+            batches.close()  # shuts the DataLoader workers down now, not when the traceback goes
     if not state.history or state.history[-1]["step"] != state.step:
         evaluate()
     last = checkpoint(final=True) if saved_step != state.step else \

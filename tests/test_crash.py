@@ -180,6 +180,24 @@ def test_ctrl_c_and_random_sigkills_never_lose_the_run(corpus, reference, tmp_pa
     assert_same_weights(run, reference)
 
 
+def test_sigterm_to_every_process_stops_cleanly(corpus, reference, tmp_path):
+    """A scheduler's SIGTERM reaches the main process and its DataLoader workers alike."""
+    run = tmp_path / "run"
+    args = ["-m", "cli", *train_args(corpus, run), "--num-workers", "1"]
+    proc = spawn(args, start_new_session=True)
+    assert wait_for(lambda: any((run / CKPT_DIR).glob("step-*.pt")), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "SIGTERM: stopping after this step" in err
+    stopped = assert_checkpoints_complete(run)
+    assert f"interrupted: stopped at step {stopped}; checkpoint " in err
+
+    r = run_cli([*train_args(corpus, run), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert_same_weights(run, reference)
+
+
 def test_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(corpus, reference, tmp_path,
                                                                    monkeypatch):
     run = tmp_path / "run"
