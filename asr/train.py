@@ -538,7 +538,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                unit="step", smoothing=0.05, file=sys.stderr)
     ddp_model.train()
     window = {"loss": 0.0, "n": 0, "audio_s": 0.0, "t": time.time()}
-    speed = {"audio_s": 0.0, "t": time.time()}  # for the bar: audio seconds per wall second, smoothed
+    speed = {"audio_s": 0.0, "t": time.time()}  # for the bar: audio seconds per wall second, over 2 s
     stop.armed = True
     batches = None
     try:
@@ -566,11 +566,11 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 if main:
                     speed["audio_s"] += audio_s
                     bar.update(1)
-                    if time.time() - speed["t"] >= 2.0 or state.step == 1:
-                        rate = speed["audio_s"] / max(time.time() - speed["t"], 1e-9)
+                    if time.time() - speed["t"] >= 2.0 or "rate" not in speed:
+                        speed["rate"] = speed["audio_s"] / max(time.time() - speed["t"], 1e-9)
                         speed.update(audio_s=0.0, t=time.time())
-                        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}",
-                                        audio=f"{rate:.0f}s/s", epoch=state.epoch, refresh=False)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}",
+                                    audio=f"{speed['rate']:.0f}s/s", epoch=state.epoch, refresh=False)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
                     mean_loss = _mean_over_ranks(window["loss"], window["n"], device, world)
                 if main and (state.step % cfg.log_every == 0 or state.step == total_steps):
