@@ -32,16 +32,14 @@ PULSE_BINARIES = ("pulseaudio", "pactl", "paplay")
 LEAD_S = 3.0
 
 
-@pytest.fixture(scope="module")
-def virtual_mic(tmp_path_factory):
-    """Environment (dict) in which PortAudio's default input device is the virtual microphone."""
+def start_virtual_mic(home: Path) -> tuple[dict, int]:
+    """A PulseAudio daemon whose default source is a null sink's monitor: (environment, pid)."""
     missing = [b for b in PULSE_BINARIES if shutil.which(b) is None]
     if missing:
         msg = f"{', '.join(missing)} not installed (apt-get install pulseaudio pulseaudio-utils)"
         if os.environ.get("CI"):
             pytest.fail(f"in CI the microphone tests must run: {msg}")
         pytest.skip(msg)
-    home = tmp_path_factory.mktemp("pulse")
     runtime = home / "run"
     runtime.mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PULSE_")}
@@ -54,17 +52,34 @@ def virtual_mic(tmp_path_factory):
     pid = int((runtime / "pulse" / "pid").read_text())
     try:
         subprocess.run(["pactl", "set-default-source", "vmic"], env=env, check=True, timeout=30)
+    except BaseException:
+        stop_daemon(pid)
+        raise
+    return env, pid
+
+
+def stop_daemon(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def virtual_mic(tmp_path_factory):
+    """Environment (dict) in which PortAudio's default input device is the virtual microphone."""
+    env, pid = start_virtual_mic(tmp_path_factory.mktemp("pulse"))
+    try:
         yield env
     finally:
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        stop_daemon(pid)
 
 
 class Listener:
@@ -179,6 +194,28 @@ def test_ctrl_c_prints_current_utterance_and_saves_audio(virtual_mic, paused_str
     assert "Traceback" not in "".join(mic.stderr)
     assert sf.info(str(saved)).duration > 1.0
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_device_lost_mid_stream_ends_cleanly(paused_stream_model, tmp_path):
+    env, pid = start_virtual_mic(tmp_path)  # a daemon of its own: this test stops it
+    try:
+        mic = Listener(env, "--model", str(paused_stream_model), "--format", "jsonl")
+        mic.wait_for(lambda ln: ln.startswith("listening on"))
+        time.sleep(LEAD_S)
+        player = subprocess.Popen(["paplay", "--device=vsink", str(SAMPLES / "9300-1-0093.flac")],
+                                  env=env)
+        mic.wait_for(lambda ln: ln.startswith("{") and len(json.loads(ln)["text"].split()) >= 2)
+        stop_daemon(pid)  # the sound server, and with it the microphone, goes away
+        rc = mic.finish()
+        player.wait(timeout=60)
+    finally:
+        stop_daemon(pid)
+    assert rc == 1, mic.output()
+    err = "".join(mic.stderr)
+    assert "Traceback" not in err
+    assert "stopped delivering audio" in err.strip().splitlines()[-1]
+    events = mic.events()
+    assert events[-1]["type"] == "final" and len(events[-1]["text"].split()) >= 2, mic.output()
 
 
 def test_bad_input_device_is_a_one_line_error(virtual_mic, paused_stream_model):
