@@ -13,11 +13,12 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
+
+from .paths import readable_file
 
 SAMPLE_RATE = 16000  # Hz, the rate every model in this project consumes
 WIN_LENGTH = 400  # samples = 25 ms analysis window
@@ -62,20 +63,6 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 READ_BLOCK_FRAMES = 1 << 18  # input frames decoded at a time (5.5 s at 48 kHz): bounds memory
 
 
-def _check_path(path: str | os.PathLike) -> Path:
-    """The file as a Path, or AudioError saying why it cannot be opened."""
-    p = Path(path)
-    if not p.exists():
-        raise AudioError(f"{p}: no such file")
-    if p.is_dir():
-        raise AudioError(f"{p}: is a directory, not an audio file")
-    if not os.access(p, os.R_OK):
-        raise AudioError(f"{p}: permission denied")
-    if p.stat().st_size == 0:
-        raise AudioError(f"{p}: file is empty")
-    return p
-
-
 def iter_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
     """Decode a file block by block as mono float32 at `sample_rate`, in memory independent of its length.
 
@@ -83,7 +70,7 @@ def iter_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Itera
     (missing, unreadable, empty, too short) raise before anything is yielded; damage later in the
     file (a decode error, NaN samples) raises AudioError when the decoder reaches it.
     """
-    p = _check_path(path)
+    p = readable_file(path, "audio file", AudioError)
     try:
         f = sf.SoundFile(str(p))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:

@@ -16,6 +16,7 @@ import torch
 
 from .features import FeatureConfig, FeatureStats
 from .model import CTCModel, ModelConfig
+from .paths import readable_file
 from .text import Vocab
 
 FORMAT = "asr-gru-ctc"
@@ -100,15 +101,7 @@ def make_checkpoint(model: CTCModel, feature_config: FeatureConfig, stats: Featu
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load and validate a checkpoint dict without executing any code from it."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such model file")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory, not a model file")
-    if not os.access(p, os.R_OK):
-        raise CheckpointError(f"{p}: permission denied")
-    if p.stat().st_size == 0:
-        raise CheckpointError(f"{p}: model file is empty")
+    p = readable_file(path, "model file", CheckpointError)
     with open(p, "rb") as f:
         head = f.read(2)
     if head != b"PK" and head[:1] != b"\x80":  # torch's zip container, or a legacy pickle

@@ -4,13 +4,14 @@ chunks in, StreamingSession events out, printed as a redrawn partial line or as 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -155,13 +156,36 @@ class ListenResult:
     error: str | None  # why capture ended early (device lost), else None
 
 
+OVERFLOW_WARN_S = 10.0  # at most one overflow warning per this many seconds of wall time
+
+
+def _warn_overflows(chunks: Iterable[np.ndarray], mic, warn: Callable[[str], None]
+                    ) -> Iterator[np.ndarray]:
+    """Pass the blocks through; when PortAudio has reported new input overflows (audio dropped
+    because the machine fell behind), say so, at most once per OVERFLOW_WARN_S."""
+    warned, last = 0, -math.inf
+    for block in chunks:
+        now = time.monotonic()
+        if mic.overflows > warned and now - last >= OVERFLOW_WARN_S:
+            warn(f"warning: input overflow: audio was dropped ({mic.overflows} block(s) so far); "
+                 f"the machine is not keeping up, try a larger --chunk-ms or close other programs")
+            warned, last = mic.overflows, now
+        yield block
+
+
+def _stderr_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def listen(lm: LoadedModel, mic, fmt: str = "text", endpoint_ms: float | None = 800.0,
            max_seconds: float | None = None, save_audio: str | os.PathLike | None = None,
-           out: TextIO | None = None, beam: BeamConfig | None = None) -> ListenResult:
+           out: TextIO | None = None, beam: BeamConfig | None = None,
+           warn: Callable[[str], None] = _stderr_line) -> ListenResult:
     """Transcribe an open `asr.mic.Microphone` live until max_seconds, Ctrl-C or device loss.
 
     Ctrl-C is not an error: the current utterance is flushed and printed, the result says
-    interrupted. The audio is saved (atomically) to `save_audio` in every case.
+    interrupted. The audio is saved (atomically) to `save_audio` in every case. Input overflows
+    never stop the session: they are counted and reported through `warn` (rate-limited).
     """
     session = StreamingSession(lm, sample_rate=mic.sample_rate, endpoint_ms=endpoint_ms, beam=beam)
     printer = EventPrinter(fmt, out)
@@ -173,7 +197,7 @@ def listen(lm: LoadedModel, mic, fmt: str = "text", endpoint_ms: float | None = 
         printer(ev)
 
     recorder = WavRecorder(save_audio, mic.sample_rate) if save_audio else None
-    chunks = mic.chunks(max_seconds)
+    chunks = _warn_overflows(mic.chunks(max_seconds), mic, warn)
     interrupted = False
     in_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _interrupt) if in_main else None

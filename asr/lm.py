@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .paths import readable_file
+
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 LOG10_ZERO = -99.0  # ARPA's "never": the probability of predicting <s>
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)  # D1, D2, D3+ when counts of counts cannot give them
@@ -227,9 +229,7 @@ def write_arpa(model: ArpaModel, path: str | os.PathLike) -> None:
 
 
 def _open_text(path: str | os.PathLike):
-    path = Path(path)
-    if not path.is_file():
-        raise LMError(f"{path}: no such language model file")
+    path = readable_file(path, "language model file", LMError)
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")

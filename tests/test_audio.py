@@ -178,7 +178,7 @@ def _write_bad(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind,reason", [
-    ("missing", "no such file"),
+    ("missing", "no such audio file"),
     ("empty", "file is empty"),
     ("no-samples", "no audio samples"),
     ("too-short", "too short (10 ms"),

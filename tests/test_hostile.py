@@ -42,7 +42,7 @@ ERRORS = {
     "nan": "contains NaN or infinite samples (first at 1.00 s)",
     "inf": "contains NaN or infinite samples (first at 1.00 s)",
     "directory": "is a directory, not an audio file",
-    "missing": "no such file",
+    "missing": "no such audio file",
 }
 
 

@@ -153,7 +153,7 @@ def test_kenlm_reads_our_arpa_with_the_same_scores(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "no 1-grams"),
+    (b"", "language model file is empty"),
     (b"\\data\\\nngram 1=1\n\n\\1-grams:\nnot-a-number\n", "ARPA"),
     (b"\x89PNG\r\n\x1a\n\xff\xfe", "ARPA"),
 ])
