@@ -203,8 +203,16 @@ class RunState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already trained on (this rank)
-    best_wer: float = float("inf")
+    best_wer: float = float("inf")  # dev WER and CER of best.pt
+    best_cer: float = float("inf")
     history: list[dict] = field(default_factory=list)  # dev evaluations
+
+
+def selection_score(wer: float, cer: float) -> float:
+    """Lower is better: dev WER, but while no model has got words right (WER >= 100 %, as early in
+    training, when an all-blank output scores exactly 100 % and a babbling one more) the CER decides,
+    so best.pt is never a model that outputs nothing."""
+    return wer if wer < 1.0 else 1.0 + cer
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -516,9 +524,9 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
         ec = error_counts([u.text for u in dev_utts], hyps)
         row = {"step": state.step, "epoch": state.epoch, "dev_wer": ec.wer, "dev_cer": ec.cer}
         state.history.append(row)
-        improved = ec.wer < state.best_wer
+        improved = selection_score(ec.wer, ec.cer) < selection_score(state.best_wer, state.best_cer)
         if improved:
-            state.best_wer = ec.wer
+            state.best_wer, state.best_cer = ec.wer, ec.cer
         if not main:
             return
         _log(out, {"event": "dev", **row})

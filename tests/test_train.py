@@ -23,7 +23,7 @@ from asr.checkpoint import read_checkpoint
 from asr.data import scan_corpus
 from asr.features import log_mel
 from asr.text import Vocab
-from asr.train import CKPT_DIR, TrainConfig, get_lr, train
+from asr.train import CKPT_DIR, TrainConfig, get_lr, selection_score, train
 from cli import cli
 
 TRAIN_IDS = ("9301-1-0001", "9301-1-0002", "9301-1-0003", "9301-1-0004", "9301-1-0005",
@@ -102,6 +102,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(corpora, reference_run
         assert got_rows[key][field] == pytest.approx(r[field], rel=1e-5), key
 
 
+def test_best_model_selection_never_prefers_an_all_blank_model():
+    blank = selection_score(1.0, 1.0)  # outputs nothing: every word deleted, every letter too
+    babbling = selection_score(1.3, 0.5)  # more word errors than words, but half the letters right
+    assert babbling < blank
+    assert selection_score(0.95, 0.6) < babbling  # once words come right, WER decides
+    assert selection_score(0.40, 0.30) < selection_score(0.45, 0.20)
+
+
 def test_run_folder_holds_metrics_plot_checkpoints_and_best(corpora, reference_run):
     rows = metrics(reference_run)
     train_rows = [r for r in rows if r["event"] == "train"]
@@ -116,11 +124,12 @@ def test_run_folder_holds_metrics_plot_checkpoints_and_best(corpora, reference_r
     assert len(epochs_done) >= 2  # epoch ends evaluate too
     assert (reference_run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # keep the last 2 step checkpoints, plus best.pt = the lowest dev WER so far
+    # keep the last 2 step checkpoints, plus best.pt = the best dev evaluation (selection_score)
     assert sorted(p.name for p in (reference_run / CKPT_DIR).glob("*")) == \
         ["step-00000006.pt", "step-00000007.pt"]
     best = read_checkpoint(reference_run / "best.pt")
-    assert best["meta"]["dev_wer"] == min(r["dev_wer"] for r in dev_rows)
+    chosen = min(dev_rows, key=lambda r: selection_score(r["dev_wer"], r["dev_cer"]))
+    assert (best["meta"]["dev_wer"], best["meta"]["dev_cer"]) == (chosen["dev_wer"], chosen["dev_cer"])
     assert "optimizer" not in best
 
     # global feature statistics of the training audio, stored in every checkpoint
