@@ -219,6 +219,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped the run after a step; the message names the checkpoint written."""
 
 
+def _ignore_signal(signum, frame) -> None:
+    pass
+
+
 class _StopSignal:
     """Once armed, SIGINT and SIGTERM ask the loop to stop after the current step and write a
     checkpoint; before that (loading data, statistics) they stop at once, as there is nothing to save.
@@ -246,8 +250,10 @@ class _StopSignal:
             # the same signal may end the DataLoader workers (SIGTERM to every process of a job):
             # torch's SIGCHLD handler would then raise at any line, even while the checkpoint is
             # written. Without it a dead worker shows up at the next batch (_WorkersStopped).
+            # A no-op handler, not SIG_DFL: a SIGCHLD already pending when the handler changes
+            # would otherwise raise "OSError: Signal 17 ignored due to race condition".
             if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._previous:
-                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                self._previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore_signal)
             sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving "
                              f"a checkpoint (again to quit at once)\n")
         elif now - self.requested_at > self.grace_s:
