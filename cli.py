@@ -83,6 +83,15 @@ def decoder_options(fn):
     return wrapper
 
 
+def streaming_options(note: str = ""):
+    """--chunk-ms and --endpoint-ms, shared by `transcribe --stream` and `listen`."""
+    chunk = click.option("--chunk-ms", type=click.IntRange(min=10), default=100, show_default=True,
+                         help=f"Audio chunk size{note}.")
+    endpoint = click.option("--endpoint-ms", type=click.IntRange(min=40), default=800,
+                            show_default=True, help=f"Trailing silence that closes an utterance{note}.")
+    return lambda fn: chunk(endpoint(fn))
+
+
 def _beam_config(decoding, vocab):
     """The BeamConfig for --decoder beam (LM loaded and checked here), None for greedy."""
     decoder, lm_path, beam_size, lm_weight, word_score = decoding
@@ -128,10 +137,7 @@ def cli():
 @click.option("--stream", is_flag=True, help="Decode through the live streaming path "
               "(unidirectional model), printing events as they happen.")
 @click.option("--realtime", is_flag=True, help="With --stream: feed the audio at speaking speed.")
-@click.option("--chunk-ms", type=click.IntRange(min=10), default=100, show_default=True,
-              help="With --stream: audio chunk size.")
-@click.option("--endpoint-ms", type=click.IntRange(min=40), default=800, show_default=True,
-              help="With --stream: trailing silence that closes an utterance.")
+@streaming_options(" (with --stream)")
 @decoder_options
 def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, realtime, chunk_ms,
                endpoint_ms, decoding):
@@ -201,10 +207,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
 @click.option("--input-device", help="Microphone: device ID or part of its name (default: the "
               "system's default input).")
 @click.option("--list-devices", is_flag=True, help="List the input devices and exit.")
-@click.option("--chunk-ms", type=click.IntRange(min=10), default=100, show_default=True,
-              help="Audio block size.")
-@click.option("--endpoint-ms", type=click.IntRange(min=40), default=800, show_default=True,
-              help="Trailing silence that closes an utterance.")
+@streaming_options()
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]),
               help="text: partial line redrawn, final lines kept; jsonl: one event per line "
               "(default: text on a terminal, jsonl otherwise).")

@@ -62,15 +62,21 @@ def interior(x: np.ndarray, margin: int = 160) -> np.ndarray:
     return x[margin:-margin]
 
 
-@pytest.mark.parametrize("fmt,subtype,ext,tol,rate", [
-    pytest.param(f, s, e, t, r, id=f"{s}-{r}") for f, s, e, t, rates in LOSSLESS for r in rates])
-def test_lossless_formats_resample_to_the_exact_tone(tmp_path, fmt, subtype, ext, tol, rate):
+def write_tone_and_load(tmp_path, fmt: str, subtype: str, ext: str, rate: int) -> np.ndarray:
+    """Write the test tone at `rate` in a format, load it back: mono float32 of the resampled length."""
     path = tmp_path / f"tone.{ext}"
     x = tone(rate)
     sf.write(path, x, rate, format=fmt, subtype=subtype)
     w = load_audio(path)
     assert w.dtype == np.float32 and w.ndim == 1
     assert len(w) == expected_length(len(x), rate)
+    return w
+
+
+@pytest.mark.parametrize("fmt,subtype,ext,tol,rate", [
+    pytest.param(f, s, e, t, r, id=f"{s}-{r}") for f, s, e, t, rates in LOSSLESS for r in rates])
+def test_lossless_formats_resample_to_the_exact_tone(tmp_path, fmt, subtype, ext, tol, rate):
+    w = write_tone_and_load(tmp_path, fmt, subtype, ext, rate)
     t = np.arange(len(w)) / SAMPLE_RATE
     err = np.abs(interior(w) - interior(AMP * np.sin(2 * np.pi * TONE_HZ * t))).max()
     assert err < tol, f"max error {err:.2e} against the analytic tone"
@@ -81,12 +87,7 @@ def test_lossless_formats_resample_to_the_exact_tone(tmp_path, fmt, subtype, ext
 def test_lossy_formats_keep_length_pitch_and_level(tmp_path, fmt, subtype, ext, rate):
     if fmt == "MP3" and not HAS_MP3:
         pytest.skip("this libsndfile cannot write MP3 (needs libsndfile >= 1.1)")
-    path = tmp_path / f"tone.{ext}"
-    x = tone(rate)
-    sf.write(path, x, rate, format=fmt, subtype=subtype)
-    w = load_audio(path)
-    assert w.dtype == np.float32 and w.ndim == 1
-    assert len(w) == expected_length(len(x), rate)
+    w = write_tone_and_load(tmp_path, fmt, subtype, ext, rate)
     assert abs(peak_hz(w) - TONE_HZ) <= SAMPLE_RATE / len(w)  # within one FFT bin
     rms = np.sqrt(np.mean(interior(w, 800) ** 2))
     assert rms == pytest.approx(AMP / np.sqrt(2), rel=0.05)
