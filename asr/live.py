@@ -165,8 +165,7 @@ def _warn_overflows(chunks: Iterable[np.ndarray], mic, warn: Callable[[str], Non
     because the machine fell behind), say so, at most once per OVERFLOW_WARN_S."""
     warned, last = 0, -math.inf
     for block in chunks:
-        now = time.monotonic()
-        if mic.overflows > warned and now - last >= OVERFLOW_WARN_S:
+        if mic.overflows > warned and (now := time.monotonic()) - last >= OVERFLOW_WARN_S:
             warn(f"warning: input overflow: audio was dropped ({mic.overflows} block(s) so far); "
                  f"the machine is not keeping up, try a larger --chunk-ms or close other programs")
             warned, last = mic.overflows, now
