@@ -174,7 +174,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
     for path in tqdm(audio, disable=not show_bar, unit="file", file=sys.stderr, leave=False):
         try:
             if stream:
-                wave = load_audio(path)
+                wave = load_audio(path, lm.feature_config.sample_rate)
             else:  # block by block: bounded memory for any length
                 t = transcribe_file(lm, path, beam=beam)
         except AudioError as e:
@@ -354,6 +354,7 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     """
     import json
 
+    from asr.audio import AudioError
     from asr.data import CorpusError, load_corpora
     from asr.evaluate import align_pair, evaluate_utterances
 
@@ -369,11 +370,17 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     from tqdm import tqdm
 
     with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False) as bar:
-        rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update, beam=beam)
+        try:
+            rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update, beam=beam)
+        except AudioError as e:  # damage the corpus scan (headers only) could not see
+            _fail(str(e))
     if report:
         lines = "".join(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, "errors": r.errors,
                                     "ref_words": r.ref_words}) + "\n" for r in rep.utterances)
-        _write_atomic(report, lines)
+        try:
+            _write_atomic(report, lines)
+        except OSError as e:
+            _fail(f"--report {report}: cannot write ({e.strerror or e})")
     c = rep.counts
     summary = {"model": lm.path, "stream": stream, "decoder": beam.to_dict() if beam else "greedy",
                "utterances": len(utts), "skipped": skipped,

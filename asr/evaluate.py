@@ -115,11 +115,12 @@ def evaluate_utterances(lm: LoadedModel, utts: Sequence[Utterance], stream: bool
     t0 = time.perf_counter()
     if stream:
         from .audio import load_audio
-        from .streaming import transcribe_stream_wave
+        from .live import run_file_stream
 
         hyps = []
         for u in utts:
-            hyps.append(transcribe_stream_wave(lm, load_audio(u.path), beam=beam).text)
+            wave = load_audio(u.path, lm.feature_config.sample_rate)
+            hyps.append(run_file_stream(lm, wave, echo=False, beam=beam).text)
             if progress:
                 progress(1)
     else:

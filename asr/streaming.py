@@ -22,7 +22,6 @@ from .beam import BeamConfig, BeamCTCStream, emissions_text
 from .checkpoint import LoadedModel
 from .decoding import WORD_BREAK_S, Emission, GreedyCTCStream, Word, emissions_to_words
 from .features import OnlineLogMel
-from .transcribe import Transcript
 
 
 @dataclass
@@ -190,20 +189,3 @@ class StreamingSession:
         if self._has_speech:
             events.append(self._final())
         return [e for e in events if e.kind == "final"]
-
-
-def transcribe_stream_wave(lm: LoadedModel, wave: np.ndarray, chunk_samples: int = 1600,
-                           endpoint_ms: float | None = 800.0,
-                           beam: BeamConfig | None = None) -> Transcript:
-    """A whole waveform through the streaming path (100 ms chunks): the concatenated final texts."""
-    import time
-
-    t0 = time.perf_counter()
-    session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam)
-    finals: list[StreamEvent] = []
-    for s in range(0, len(wave), chunk_samples):
-        finals += [e for e in session.push(wave[s:s + chunk_samples]) if e.kind == "final"]
-    finals += session.flush()
-    words = [w for e in finals for w in e.words]
-    return Transcript(" ".join(e.text for e in finals if e.text), words,
-                      len(wave) / lm.feature_config.sample_rate, lm.name, time.perf_counter() - t0)

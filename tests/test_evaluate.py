@@ -128,3 +128,31 @@ def test_report_and_worst_utterances_on_unseen_speech(overfit_models, tmp_path):
     assert (tail[1], tail[2]) == tuple(f"  {tag}: {line}" for tag, line in
                                        zip(("REF", "HYP"), align_pair(first["ref"], first["hyp"]),
                                            strict=True))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_corrupt_audio_in_the_corpus_is_a_one_line_error(overfit_models, overfit_corpus, tmp_path,
+                                                         stream):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(overfit_corpus, corpus)
+    victim = sorted(corpus.rglob("*.flac"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])  # header intact (the corpus scan passes), audio cut
+    model = overfit_models["gru" if stream else "bigru"]
+    r = CliRunner().invoke(cli, ["evaluate", "--data", str(corpus), "--model", str(model),
+                                 *(["--stream"] if stream else [])])
+    assert r.exit_code == 1, r.output
+    assert isinstance(r.exception, SystemExit)  # a clean exit, not an escaped exception
+    last = r.stderr.strip().splitlines()[-1]
+    assert victim.name in last and "cannot decode audio" in last, r.stderr
+
+
+def test_report_that_cannot_be_written_is_a_one_line_error(overfit_models, overfit_corpus, tmp_path):
+    report = tmp_path / "no-such-folder" / "report.jsonl"
+    r = CliRunner().invoke(cli, ["evaluate", "--data", str(overfit_corpus), "--model",
+                                 str(overfit_models["bigru"]), "--report", str(report)])
+    assert r.exit_code == 1, r.output
+    assert isinstance(r.exception, SystemExit)
+    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: --report {report}: cannot write")
