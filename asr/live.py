@@ -117,6 +117,7 @@ class WavRecorder:
 
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._failed = False
         try:
             self._file = sf.SoundFile(str(self._tmp), "w", samplerate=sample_rate, channels=1,
                                       format="WAV", subtype="PCM_16")
@@ -129,7 +130,12 @@ class WavRecorder:
         it = iter(chunks)
         try:
             for chunk in it:
-                self._file.write(np.clip(chunk, -1.0, 1.0))
+                try:
+                    self._file.write(np.clip(chunk, -1.0, 1.0))
+                except (RuntimeError, OSError) as e:  # e.g. the disk is full
+                    self._failed = True
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise OSError(f"cannot write {self.path}: {msg}") from None
                 yield chunk
         finally:
             close = getattr(it, "close", None)
@@ -137,9 +143,17 @@ class WavRecorder:
                 close()
 
     def close(self) -> None:
+        """Rename the finished file over `path`; after a failed write, drop it and leave `path` as
+        it was."""
         if not self._file.closed:
-            self._file.close()
-            os.replace(self._tmp, self.path)
+            try:
+                self._file.close()
+            except (RuntimeError, OSError):
+                self._failed = True
+            if self._failed:
+                self._tmp.unlink(missing_ok=True)
+            else:
+                os.replace(self._tmp, self.path)
 
 
 def _interrupt(signum, frame):

@@ -91,3 +91,59 @@ def test_sustained_input_overflows_warn_and_never_stop_listening(paused_stream_m
     finals = [e for e in map(json.loads, r.stdout.splitlines()) if e["type"] == "final"]
     heard = " ".join(e["text"] for e in finals)
     assert jiwer.cer(sample_reference(stem).lower(), heard) < 0.1, heard  # recognised and printed
+
+
+class _DiskFullAfter:
+    """Stands in for the open soundfile.SoundFile: the first `n` writes succeed, then the disk is
+    full (libsndfile reports that as a RuntimeError)."""
+
+    def __init__(self, real, n: int):
+        self.real, self.n = real, n
+
+    def write(self, data):
+        if self.n == 0:
+            raise RuntimeError("Error : System error : No space left on device")
+        self.n -= 1
+        self.real.write(data)
+
+    @property
+    def closed(self):
+        return self.real.closed
+
+    def close(self):
+        self.real.close()
+
+
+def test_save_audio_write_failure_is_one_error_and_keeps_the_previous_file(tmp_path):
+    import numpy as np
+
+    from asr.live import WavRecorder
+
+    path = tmp_path / "talk.wav"
+    path.write_bytes(b"an earlier recording")
+    rec = WavRecorder(path, 16000)
+    rec._file = _DiskFullAfter(rec._file, 2)
+    blocks = (np.full(1600, 0.1, np.float32) for _ in range(10))
+    passed = []
+    with pytest.raises(OSError, match=r"cannot write .*talk\.wav: .*No space left on device"):
+        for block in rec.tee(blocks):
+            passed.append(block)
+    rec.close()
+    assert len(passed) == 2  # what was recorded before the failure was still recognised
+    assert path.read_bytes() == b"an earlier recording"  # not replaced by a truncated file
+    assert [p.name for p in tmp_path.iterdir()] == ["talk.wav"]  # no temporary file left
+
+
+def test_save_audio_replaces_the_file_when_complete(tmp_path):
+    import numpy as np
+
+    from asr.live import WavRecorder
+
+    path = tmp_path / "talk.wav"
+    path.write_bytes(b"an earlier recording")
+    rec = WavRecorder(path, 16000)
+    assert len(list(rec.tee(np.full(1600, 0.1, np.float32) for _ in range(10)))) == 10
+    rec.close()
+    info = sf.info(str(path))
+    assert info.frames == 16000 and info.subtype == "PCM_16"
+    assert [p.name for p in tmp_path.iterdir()] == ["talk.wav"]
