@@ -253,6 +253,15 @@ def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, fmt, m
         _fail(f"{r.error}; the text above is what was recognised until then")
 
 
+def _augment_kinds(ctx, param, value: str) -> str:
+    from asr.data import parse_augment_kinds
+
+    try:
+        return ",".join(parse_augment_kinds(value)) or "none"
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @cli.command()
 @click.option("--train", "train_paths", multiple=True, required=True,
               help="Training corpus folder (repeatable); PATH:WEIGHT repeats it WEIGHT times per epoch.")
@@ -272,6 +281,11 @@ def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, fmt, m
 @click.option("--warmup-steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-augment", is_flag=True, help="Disable speed/gain/noise/SpecAugment.")
+@click.option("--augment", "augment_kinds", default="speed,gain,noise,specaugment", show_default=True,
+              callback=_augment_kinds, help="Augmentations to use (comma-separated, or none).")
+@click.option("--init-from", type=click.Path(dir_okay=False),
+              help="Start from this checkpoint's weights and feature statistics (a new run with its "
+                   "own recipe, e.g. fine-tuning with other augmentation).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads per process.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=1, show_default=True,
@@ -284,7 +298,8 @@ def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, fmt, m
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--debug-ranks", is_flag=True, hidden=True)
 def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout,
-          epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, device, threads,
+          epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
+          device, threads,
           num_workers, eval_every, save_every, keep_last, log_every, skip_bad, resume, debug_ranks):
     """Train a CTC model on LibriSpeech-layout corpora (also under torchrun for several processes).
 
@@ -309,7 +324,8 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
                       hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,
                       dropout=dropout, epochs=epochs, max_steps=max_steps,
                       batch_seconds=batch_seconds, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                      augment=not no_augment, device=device, num_workers=num_workers,
+                      augment=not no_augment, augment_kinds=augment_kinds, init_from=init_from or "",
+                      device=device, num_workers=num_workers,
                       eval_every=eval_every, save_every=save_every, keep_last=keep_last,
                       log_every=log_every, skip_bad=skip_bad, debug_ranks=debug_ranks)
     try:

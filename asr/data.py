@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +244,41 @@ class AugmentConfig:
     time_mask_frames: int = 40  # max width of each
     max_time_mask_ratio: float = 0.2  # time masks never cover more than this share of the input
 
+    @property
+    def masks(self) -> bool:
+        return bool(self.freq_masks or self.time_masks)
+
+
+AUGMENT_KINDS = ("speed", "gain", "noise", "specaugment")
+
+
+def parse_augment_kinds(text: str) -> tuple[str, ...]:
+    """"speed,noise" -> ("speed", "noise"); "" or "none" -> (); ValueError names an unknown kind."""
+    kinds = tuple(k.strip().lower() for k in text.split(",") if k.strip())
+    if kinds == ("none",):
+        return ()
+    unknown = [k for k in kinds if k not in AUGMENT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown[0]!r} (choose from {', '.join(AUGMENT_KINDS)}, "
+                         f"or none)")
+    return kinds
+
+
+def augment_config(kinds: Sequence[str]) -> AugmentConfig | None:
+    """The default AugmentConfig with only `kinds` switched on; None when there are none."""
+    if not kinds:
+        return None
+    off: dict = {}
+    if "speed" not in kinds:
+        off["speeds"] = (1.0,)
+    if "gain" not in kinds:
+        off["gain_db"] = 0.0
+    if "noise" not in kinds:
+        off["noise_prob"] = 0.0
+    if "specaugment" not in kinds:
+        off.update(freq_masks=0, time_masks=0)
+    return replace(AugmentConfig(), **off)
+
 
 def perturb_wave(wave: np.ndarray, aug: AugmentConfig, g: torch.Generator) -> np.ndarray:
     """Speed perturbation (resampling: tempo and pitch), gain and noise on the waveform."""
@@ -273,8 +308,8 @@ def spec_augment(feats: Tensor, aug: AugmentConfig, g: torch.Generator) -> Tenso
         w = int(torch.randint(aug.freq_mask_bins + 1, (1,), generator=g))
         s = int(torch.randint(max(1, f - w), (1,), generator=g))
         feats[:, s:s + w] = 0
-    n_time = max(1, round(aug.time_masks * t / 1000))
-    max_w = min(aug.time_mask_frames, int(aug.max_time_mask_ratio * t / n_time))
+    n_time = max(1, round(aug.time_masks * t / 1000)) if aug.time_masks else 0
+    max_w = min(aug.time_mask_frames, int(aug.max_time_mask_ratio * t / max(1, n_time)))
     for _ in range(n_time):
         if max_w < 1:
             break
@@ -312,7 +347,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         feats = log_mel(wave, self.fcfg)
         if self.stats is not None:
             feats = self.stats.normalize(feats)
-        if g is not None:
+        if g is not None and self.augment.masks:
             feats = spec_augment(feats, self.augment, g)
         return feats
 

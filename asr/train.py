@@ -38,14 +38,16 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .data import (
-    AugmentConfig,
+    AUGMENT_KINDS,
     CorpusError,
     CorpusProblem,
     DurationBatchSampler,
     SpeechDataset,
+    augment_config,
     check_problems,
     collate,
     feature_stats,
+    parse_augment_kinds,
     scan_corpora,
 )
 from .evaluate import decode_utterances, error_counts
@@ -76,7 +78,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW
     clip_norm: float = 5.0  # gradient norm clip
     seed: int = 0  # data order, augmentation and initialisation
-    augment: bool = True  # speed/gain/noise/SpecAugment on training batches
+    augment: bool = True  # augment training batches (False: none at all)
+    augment_kinds: str = ",".join(AUGMENT_KINDS)  # which augmentations, comma-separated
+    init_from: str = ""  # start from this checkpoint's weights and feature statistics (fine-tuning)
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 1  # DataLoader worker processes
     log_every: int = 20  # steps between metrics lines
@@ -357,6 +361,23 @@ def _resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
                    skip_bad=cfg.skip_bad or base.skip_bad)
 
 
+def _init_checkpoint(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab) -> dict:
+    """The checkpoint --init-from names, checked to fit the configured model (dropout may differ)."""
+    ckpt = read_checkpoint(cfg.init_from)
+    want = {"bidirectional": cfg.arch == "bigru", "cell": cfg.cell, "conv_channels": cfg.conv_channels,
+            "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers}
+    got = ckpt["model_config"]
+    wrong = [f"{k} {got.get(k)!r} (not {v!r})" for k, v in want.items() if got.get(k) != v]
+    if ckpt["feature_config"] != fcfg.to_dict():
+        wrong.append("its feature settings")
+    if ckpt["vocab"] != vocab.to_dict():
+        wrong.append("its vocabulary")
+    if wrong:
+        raise CheckpointError(f"--init-from {cfg.init_from}: does not fit this model: it has "
+                              + ", ".join(wrong) + " (pass the same --arch/--cell/sizes)")
+    return ckpt
+
+
 def _load_training_data(cfg: TrainConfig, vocab: Vocab):
     """Training utterances with their per-epoch weights, dev utterances, and the problems skipped.
 
@@ -434,8 +455,11 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    init = _init_checkpoint(cfg, fcfg, vocab) if resume_ckpt is None and cfg.init_from else None
     if resume_ckpt is not None:
         stats = FeatureStats.from_dict(resume_ckpt["feature_stats"])
+    elif init is not None:
+        stats = FeatureStats.from_dict(init["feature_stats"])
     else:
         probe = SpeechDataset(train_utts, vocab, fcfg, None)
         stats = feature_stats(probe, cfg.stats_utterances, cfg.seed)
@@ -446,6 +470,11 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
     if world > 1:
         # same initial weights everywhere (DDP also broadcasts rank 0's), own dropout masks per rank
         torch.manual_seed(cfg.seed + 1_000_003 * dist_info.rank)
+    if init is not None:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in init["state_dict"].items()})
+        if main:
+            print(f"initialised from {cfg.init_from} (its step {init['meta'].get('step', '?')})")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     if resume_ckpt is not None:
@@ -464,9 +493,10 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    ds = SpeechDataset(train_utts, vocab, fcfg, stats, AugmentConfig() if cfg.augment else None)
+    aug = augment_config(parse_augment_kinds(cfg.augment_kinds)) if cfg.augment else None
+    ds = SpeechDataset(train_utts, vocab, fcfg, stats, aug)
     sampler = DurationBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, cfg.seed,
-                                   weights, dist_info.rank, world, augment=cfg.augment)
+                                   weights, dist_info.rank, world, augment=aug is not None)
     steps_per_epoch = len(sampler.rank_batches(0))
     total_steps = cfg.max_steps or sum(len(sampler.rank_batches(e)) for e in range(cfg.epochs))
     train_hours = sum(u.duration for u in train_utts) / 3600

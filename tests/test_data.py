@@ -6,6 +6,7 @@ Fake corpora are built in tmp_path from the committed real recordings in tests/f
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from asr.data import (
     CorpusError,
     DurationBatchSampler,
     SpeechDataset,
+    augment_config,
     load_corpora,
+    parse_augment_kinds,
     perturb_wave,
     scan_corpora,
     scan_corpus,
@@ -304,3 +307,25 @@ def test_augmentation_is_seeded_and_evaluation_features_are_clean():
     torch.testing.assert_close(train.features(idx, seed=123), train.features(idx, seed=123))
     feats, targets, uid = train[(idx, 7)]
     assert uid == "9301-1-0005" and Vocab().decode(targets.tolist()) == CARD_TEXT[uid].lower()
+
+
+def test_augmentations_can_be_chosen_one_by_one():
+    assert parse_augment_kinds("speed, SpecAugment") == ("speed", "specaugment")
+    assert parse_augment_kinds("none") == () and augment_config(()) is None
+    with pytest.raises(ValueError, match="'reverb'"):
+        parse_augment_kinds("speed,reverb")
+    wave = load_audio(str(CARDS / "9301-1-0005.flac"))
+    speed_only = augment_config(("speed",))
+    outs = [perturb_wave(wave, speed_only, torch.Generator().manual_seed(s)) for s in range(30)]
+    # no gain, no noise: a seed that keeps the speed leaves the waveform as it was
+    same = [o for o in outs if len(o) == len(wave)]
+    assert same and all(np.array_equal(o, wave) for o in same)
+    assert {len(o) for o in outs} - {len(wave)}  # but the speed still changes
+    assert not speed_only.masks
+    feats = torch.randn(500, 80)
+    masks_only = augment_config(("specaugment",))
+    assert len(perturb_wave(wave, masks_only, torch.Generator().manual_seed(1))) == len(wave)
+    masked = spec_augment(feats, masks_only, torch.Generator().manual_seed(0))
+    assert (masked == 0).all(0).any() and (masked == 0).all(1).any()
+    no_time = replace(masks_only, time_masks=0)
+    assert not (spec_augment(feats, no_time, torch.Generator().manual_seed(0)) == 0).all(1).any()

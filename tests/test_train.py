@@ -223,3 +223,45 @@ def test_two_processes_train_in_step_and_share_each_epoch(tmp_path, corpora):
     assert resumed[0]["params"] == resumed[1]["params"]
     for k, v in ranks[0]["params"].items():
         assert resumed[0]["params"][k] == pytest.approx(v, abs=1e-6), k
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_init_from_starts_a_new_recipe_from_a_trained_model(overfit_corpus, overfit_models, tmp_path):
+    """--init-from: the new run begins with the checkpoint's weights and feature statistics (here:
+    a model that knows the corpus keeps knowing it after a step at a tiny learning rate, where a
+    fresh model knows nothing), under its own settings; a model of another shape is refused."""
+    from asr.checkpoint import load_model
+    from asr.evaluate import evaluate_utterances
+
+    src = read_checkpoint(overfit_models["bigru"])
+    args = ["train", "--train", str(overfit_corpus), "--hidden-size", "128", "--num-layers", "2",
+            "--conv-channels", "16", "--max-steps", "1", "--lr", "1e-9", "--warmup-steps", "1",
+            "--augment", "speed", "--num-workers", "0", "--batch-seconds", "40"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "ft"), "--init-from",
+                                 str(overfit_models["bigru"])])
+    assert r.exit_code == 0, r.output
+    assert "initialised from" in r.output
+    models = {"ft": Path(r.output.split("model: ")[-1].strip())}
+    tuned = read_checkpoint(models["ft"])
+    torch.testing.assert_close(tuned["feature_stats"], src["feature_stats"], rtol=0, atol=0)
+    cfg = json.loads((tmp_path / "ft" / "train_config.json").read_text())
+    assert cfg["augment_kinds"] == "speed" and cfg["init_from"] == str(overfit_models["bigru"])
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "fresh")])
+    assert r.exit_code == 0, r.output
+    models["fresh"] = Path(r.output.split("model: ")[-1].strip())
+    utts, _ = scan_corpus(overfit_corpus, Vocab())
+
+    def cer(run: str) -> float:
+        return evaluate_utterances(load_model(models[run]), utts).counts.cer
+
+    tuned_cer, fresh_cer = cer("ft"), cer("fresh")
+    assert tuned_cer < 0.1 and fresh_cer > 0.5
+
+    r = CliRunner().invoke(cli, [*args[:3], "--hidden-size", "64", "--out", str(tmp_path / "bad"),
+                                 "--init-from", str(overfit_models["bigru"])])
+    assert r.exit_code == 1 and "hidden_size 128 (not 64)" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    r = CliRunner().invoke(cli, [*args, "--augment", "speed,echo", "--out", str(tmp_path / "bad2")])
+    assert r.exit_code == 2 and "'echo'" in r.output
