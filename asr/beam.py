@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from .decoding import Emission
+from .decoding import Emission, Endpointer
 from .lm import BOS, EOS, UNK, LMError, arpa_vocabulary
 from .text import Vocab
 
@@ -242,34 +242,23 @@ class EndpointedBeam:
     def __init__(self, vocab: Vocab, config: BeamConfig | None = None,
                  endpoint_frames: int | None = None):
         self.beam = BeamCTCStream(vocab, config or BeamConfig())
-        self.endpoint_frames = endpoint_frames
-        self._non_speech = {vocab.blank_id, vocab.space_id}
-        self._trailing = 0
-        self._has_speech = False
+        self.endpointer = Endpointer(vocab, endpoint_frames)
 
     def push(self, log_probs: Tensor) -> list[list[Emission]]:
         """Consume (T', V) log-probabilities; returns the emissions of each utterance closed."""
         closed, seg = [], 0
-        for t, tok in enumerate(log_probs.argmax(dim=-1).tolist()):
-            if tok in self._non_speech:
-                self._trailing += 1
-                if (self.endpoint_frames is not None and self._has_speech
-                        and self._trailing >= self.endpoint_frames):
-                    self.beam.push(log_probs[seg:t + 1])
-                    seg = t + 1
-                    closed.append(self.beam.finish())
-                    self._has_speech = False
-            else:
-                self._trailing = 0
-                self._has_speech = True
+        for end in self.endpointer.cuts(log_probs):
+            self.beam.push(log_probs[seg:end])
+            seg = end
+            closed.append(self.beam.finish())
         self.beam.push(log_probs[seg:])
         return closed
 
     def flush(self) -> list[list[Emission]]:
         """End of input: the last utterance, if it has a letter."""
-        if not self._has_speech:
+        if not self.endpointer.has_speech:
             return []
-        self._has_speech = False
+        self.endpointer.reset()
         return [self.beam.finish()]
 
 

@@ -84,6 +84,35 @@ class GreedyCTCStream:
         self.emissions = []
 
 
+class Endpointer:
+    """The endpoint rule of live decoding: an utterance that has a letter closes after `frames`
+    output frames whose best token is blank or space (`frames` None: never)."""
+
+    def __init__(self, vocab: Vocab, frames: int | None):
+        self.frames = frames
+        self.non_speech = {vocab.blank_id} | ({vocab.space_id} if vocab.space_id is not None else set())
+        self.reset()
+
+    def reset(self) -> None:
+        self.trailing = 0  # output frames of non-speech since the last letter
+        self.has_speech = False  # the current utterance has a letter
+
+    def cuts(self, log_probs: Tensor) -> list[int]:
+        """Consume (T', V) log-probabilities; returns the frame indices (exclusive ends) within
+        them where utterances close."""
+        out = []
+        for t, tok in enumerate(log_probs.argmax(dim=-1).tolist()):
+            if tok in self.non_speech:
+                self.trailing += 1
+                if self.frames is not None and self.has_speech and self.trailing >= self.frames:
+                    out.append(t + 1)
+                    self.has_speech = False
+            else:
+                self.trailing = 0
+                self.has_speech = True
+        return out
+
+
 def break_long_gaps(spans: list[tuple[int, int]], emissions: list[Emission],
                     gap_frames: float) -> list[tuple[int, int]]:
     """Split word spans where consecutive emissions are `gap_frames` or more apart."""

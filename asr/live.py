@@ -101,7 +101,7 @@ def run_file_stream(lm: LoadedModel, wave: np.ndarray, chunk_ms: int = 100,
     """A file through the live path; prints events as `listen` would when `echo`.
     `beam`: beam search with a word LM instead of greedy decoding."""
     rate = lm.feature_config.sample_rate
-    session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam)
+    session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam, partials=echo)
     printer = EventPrinter(fmt) if echo else None
     t0 = time.perf_counter()
     finals = run_stream(session, paced(wave, rate * chunk_ms // 1000, rate, realtime), printer)

@@ -20,7 +20,7 @@ import torch
 
 from .beam import BeamConfig, BeamCTCStream, emissions_text
 from .checkpoint import LoadedModel
-from .decoding import WORD_BREAK_S, Emission, GreedyCTCStream, Word, emissions_to_words
+from .decoding import WORD_BREAK_S, Emission, Endpointer, GreedyCTCStream, Word, emissions_to_words
 from .features import OnlineLogMel
 
 
@@ -54,11 +54,13 @@ class StreamingSession:
         beam: decode with a beam search and a word LM instead of greedily: partial texts are the
             search's best path so far, and each final text equals the offline beam result on the
             utterance (greedy best tokens still decide the endpoints).
+        partials: emit partial events; without them (a consumer of final text only) the beam
+            search skips its best-path readout after every chunk.
     """
 
     def __init__(self, lm: LoadedModel, sample_rate: int | None = None,
                  endpoint_ms: float | None = 800.0, reset_on_endpoint: bool = False,
-                 beam: BeamConfig | None = None):
+                 beam: BeamConfig | None = None, partials: bool = True):
         if lm.model.cfg.bidirectional:
             raise ValueError(f"{lm.path or 'model'}: a bidirectional model cannot stream; "
                              f"use a unidirectional model such as models/gru-stream.pt")
@@ -75,8 +77,7 @@ class StreamingSession:
         self._endpoint_frames = (None if endpoint_ms is None
                                  else max(1, round(endpoint_ms / 1000 / self.frame_s)))
         self._break_frames = WORD_BREAK_S / self.frame_s
-        vocab = lm.vocab
-        self._non_speech = {vocab.blank_id} | ({vocab.space_id} if vocab.space_id is not None else set())
+        self.partials = partials
         self.reset()
 
     def reset(self) -> None:
@@ -93,8 +94,7 @@ class StreamingSession:
 
             self._resampler = soxr.ResampleStream(self.sample_rate, self.model_rate, 1,
                                                   dtype="float32")
-        self._trailing = 0  # output frames of non-speech since the last letter
-        self._has_speech = False  # the current utterance has a letter
+        self.endpointer = Endpointer(self.lm.vocab, self._endpoint_frames)
         self._raw = ""  # characters emitted in the current utterance (spaces uncollapsed)
         self._last_emission: Emission | None = None  # of the current utterance
         self._last_partial = ""
@@ -125,20 +125,12 @@ class StreamingSession:
         lp = lp[0]  # (T', V)
         events: list[StreamEvent] = []
         seg = 0  # first frame not yet given to the decoder
-        need = self._endpoint_frames
-        # 25 output frames per second: a Python walk over the best tokens is cheap
-        for t, tok in enumerate(lp.argmax(dim=-1).tolist()):
-            if tok in self._non_speech:
-                self._trailing += 1
-                if need is not None and self._has_speech and self._trailing >= need:
-                    self._decode(lp[seg:t + 1])
-                    seg = t + 1
-                    events.append(self._final())
-            else:
-                self._trailing = 0
-                self._has_speech = True
+        for end in self.endpointer.cuts(lp):
+            self._decode(lp[seg:end])
+            seg = end
+            events.append(self._final())
         self._decode(lp[seg:])
-        if self._has_speech:
+        if self.partials and self.endpointer.has_speech:
             if self.beam is None:
                 em, text = self.decoder.emissions, " ".join(self._raw.split())
             else:
@@ -159,7 +151,6 @@ class StreamingSession:
                          self.utterance, words)
         self.utterance += 1
         self.decoder.emissions = []  # the decoder keeps its frame count and last token
-        self._has_speech = False
         self._raw = ""
         self._last_emission = None
         self._last_partial = ""
@@ -186,6 +177,7 @@ class StreamingSession:
             self.n_samples += len(tail)
             events += self._run(self.featurizer.accept(tail))
         events += self._run(self.featurizer.finish())
-        if self._has_speech:
+        if self.endpointer.has_speech:
             events.append(self._final())
+            self.endpointer.has_speech = False
         return [e for e in events if e.kind == "final"]

@@ -137,6 +137,9 @@ def test_endpointed_beam_cuts_at_pauses():
     seg = EndpointedBeam(VOCAB, endpoint_frames=20)
     utts = seg.push(lp[:50]) + seg.push(lp[50:]) + seg.flush()
     assert [emissions_text(u, VOCAB) for u in utts] == ["the man", "went home"]
+    at_once = EndpointedBeam(VOCAB, endpoint_frames=20)  # a cut and new speech in one push
+    assert [emissions_text(u, VOCAB) for u in at_once.push(lp) + at_once.flush()] == [
+        "the man", "went home"]
     whole = EndpointedBeam(VOCAB, endpoint_frames=None)
     assert [emissions_text(u, VOCAB) for u in whole.push(lp) + whole.flush()] == [
         "the man went home"]
@@ -190,6 +193,10 @@ def test_streaming_beam_finals_equal_the_offline_beam_result(overfit_models, ste
         assert [w.to_dict() for e in finals for w in e.words] == [w.to_dict() for w in offline.words]
         partials = [e.text for e in events if e.kind == "partial"]
         assert len(partials) >= 3 and partials[-1]  # the text updated as the audio arrived
+    # a consumer of final text only: the same finals, and no partial readouts
+    quiet = _session_events(lm, wave, 1600, beam=beam, partials=False)
+    assert [e.kind for e in quiet] == ["final"] * len(finals)
+    assert [e.to_dict() for e in quiet] == [e.to_dict() for e in finals]
 
 
 def test_streaming_beam_without_endpoints_equals_one_search_over_the_file(overfit_models):

@@ -154,6 +154,11 @@ def test_endpoint_splits_utterances_at_silence(paused_stream_model):
     _, offline = decode_wave(lm, wave)
     assert " ".join(e.text for e in fin) == offline
 
+    # the whole file in one push: both utterances close, also the one begun after the cut
+    session.reset()
+    one_push = finals(session.push(wave) + session.flush())
+    assert [e.text for e in one_push] == [e.text for e in fin]
+
     # without endpointing, one utterance with the same words
     events = feed(StreamingSession(lm, endpoint_ms=None), wave, even(wave, 100))
     (only,) = finals(events)
