@@ -31,7 +31,7 @@ from cli import cli
 pytestmark = pytest.mark.slow
 
 IDS = ("9301-1-0001", "9301-1-0002", "9301-1-0003", "9301-1-0004", "9301-1-0005", "9302-1-0000")
-STEPS = 8
+STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +168,11 @@ def test_ctrl_c_and_random_sigkills_never_lose_the_run(corpus, reference, tmp_pa
         proc = spawn([*args, "--resume"])
         started = wait_for(lambda b=before: any(
             int(p.stem.split("-")[1]) > b for p in (run / CKPT_DIR).glob("step-*.pt")), proc)
-        if started:
-            time.sleep(rng.uniform(0.0, 0.3))
-            proc.kill()
+        assert started, "the run ended before it could be killed"
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
         proc.communicate(timeout=900)
+        assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
         assert_checkpoints_complete(run)
         assert load_latest_checkpoint(run)[1] is not None
 
