@@ -188,6 +188,25 @@ def test_stream_needs_a_unidirectional_model(overfit_models):
     assert "--stream needs a unidirectional model" in r.stderr
 
 
+def test_streaming_decodes_on_one_thread_unless_told(overfit_models):
+    """Per-chunk work is too small to share: extra threads only spin-wait (and, on a busy CPU,
+    made streamed decoding up to 100x slower), so --stream uses one thread by default."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for args, want in ((["--stream"], 1), (["--stream", "--threads", "2"], 2), ([], 2)):
+            model = overfit_models["gru" if args else "bigru"]
+            r = transcribe(*args, "--model", model, AUDIO)
+            ok(r)
+            assert r.stdout.strip() == sample_reference(STEM).lower()
+            assert torch.get_num_threads() == want, args
+            torch.set_num_threads(2)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cuda_request_without_a_gpu_is_a_clear_error(overfit_models):
     import torch
 
