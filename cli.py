@@ -365,13 +365,17 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads (default: all cores; 1 with --stream).")
 @click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping.")
+@click.option("--sample", type=click.IntRange(min=1),
+              help="Score N utterances drawn at random (always the same N for the same corpora).")
 @decoder_options
-def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads, skip_bad, decoding):
+def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads, skip_bad, sample,
+             decoding):
     """Word and character error rates of a model on LibriSpeech-layout corpora.
 
     \b
-    Example:
+    Examples:
       asr evaluate --data ../shared/data/librispeech-dev --report dev.jsonl
+      asr evaluate --data ../shared/data/librispeech-train --sample 46 --decoder greedy
     """
     import json
 
@@ -388,6 +392,11 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
         utts, skipped = load_corpora(list(data_paths), lm.vocab, skip_bad)
     except CorpusError as e:
         _fail(str(e))
+    if sample and sample < len(utts):
+        import random
+
+        utts = sorted(random.Random(0).sample(sorted(utts, key=lambda u: u.id), sample),
+                      key=lambda u: u.id)
     from tqdm import tqdm
 
     with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False) as bar:

@@ -130,6 +130,22 @@ def test_report_and_worst_utterances_on_unseen_speech(overfit_models, tmp_path):
                                            strict=True))
 
 
+def test_sample_scores_the_same_random_subset_every_time(overfit_models, tmp_path):
+    data = CORPUS / "sphinx"
+    args = ["--data", data, "--model", overfit_models["bigru"], "--format", "json"]
+    ids = []
+    for i in range(2):
+        evaluate(*args, "--sample", "4", "--report", tmp_path / f"{i}.jsonl")
+        ids.append([json.loads(line)["id"] for line in (tmp_path / f"{i}.jsonl").read_text().splitlines()])
+    assert len(ids[0]) == 4 and ids[0] == ids[1]
+    evaluate(*args, "--report", tmp_path / "all.jsonl")
+    rows = {json.loads(line)["id"]: line for line in (tmp_path / "all.jsonl").read_text().splitlines()}
+    assert len(rows) == 11 and set(ids[0]) < set(rows)  # a subset of the corpus, scored alike
+    sampled = (tmp_path / "0.jsonl").read_text().splitlines()
+    assert sampled == [rows[i] for i in ids[0]]
+    assert json.loads(evaluate(*args, "--sample", "50").stdout)["utterances"] == 11  # N > corpus: all
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_corrupt_audio_in_the_corpus_is_a_one_line_error(overfit_models, overfit_corpus, tmp_path,
                                                          stream):
