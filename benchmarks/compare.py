@@ -83,6 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="output folder (default: benchmarks/results)")
     ap.add_argument("--threads", type=_int_list, default=[1, 2], metavar="1,2",
                     help="CPU thread counts to measure the real-time factor at (default: 1,2)")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="copy the rows of systems not run now from DIR/results.json (same corpora, "
+                         "utterances and thread counts), e.g. to re-measure only this project's "
+                         "systems after retraining")
     ap.add_argument("--bigru", metavar="PATH", help="offline checkpoint (default: models/bigru.pt)")
     ap.add_argument("--gru", metavar="PATH",
                     help="streaming checkpoint (default: models/gru-stream.pt)")
@@ -231,6 +235,8 @@ def markdown(report: dict) -> str:
             f"{lat['p50']:.0f} / {lat['max']:.0f}" if lat else "–",
             _fmt(s["peak_rss_mb"], 0), _fmt(s["model_mb"], 1), _fmt(s["load_s"], 2)]) + " |")
     text = head + "\n".join(rows) + "\n"
+    if report.get("kept"):
+        text += f"\nRows kept from an earlier run (--keep): {report['kept']}.\n"
     if len(report["corpora"]) > 1:
         corpora = report["corpora"]
         text += "\nWER % / CER % per corpus:\n\n| system | " + " | ".join(corpora) + " |\n|---|"
@@ -304,6 +310,7 @@ def compare(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     utts = select_utterances(args.paths, args.limit)
+    kept = load_kept(args, len(utts)) if args.keep else None
     report = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "machine": machine_info(), "corpora": args.paths, "threads": args.threads,
@@ -335,6 +342,8 @@ def compare(args: argparse.Namespace) -> dict:
                 report["skipped"][name] = f"failed: {e}"
                 continue
             report["systems"].append(summarize(name, runs, utts))
+    if kept is not None:
+        merge_kept(report, kept, args.systems)
     if not report["systems"]:
         raise CompareError("no system could be measured: " +
                            "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()))
@@ -346,6 +355,35 @@ def compare(args: argparse.Namespace) -> dict:
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'wer_vs_rtf.png'}",
           file=sys.stderr)
     return report
+
+
+def load_kept(args: argparse.Namespace, n_utts: int) -> dict:
+    """The earlier report named by --keep, checked to have measured the same thing."""
+    path = Path(args.keep) / "results.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CompareError(f"--keep {args.keep}: cannot read {path} ({e})") from None
+    same = (old.get("corpora") == args.paths and old.get("utterances") == n_utts
+            and old.get("threads") == args.threads)
+    if not same:
+        raise CompareError(f"--keep {args.keep}: that run measured other corpora, utterances or "
+                           f"thread counts ({old.get('corpora')}, {old.get('utterances')} "
+                           f"utterances, threads {old.get('threads')})")
+    return old
+
+
+def merge_kept(report: dict, old: dict, ran: list[str]) -> None:
+    """Add the old rows of systems not run now, in the table's usual order; note where from."""
+    rows = {s["system"]: s for s in report["systems"]}
+    added = []
+    for s in old["systems"]:
+        if s["system"] not in ran and s["system"] not in rows:
+            rows[s["system"]] = {**s, "measured": old["date"]}
+            added.append(s["label"])
+    report["systems"] = sorted(rows.values(), key=lambda s: list(SYSTEMS).index(s["system"]))
+    if added:
+        report["kept"] = f"{', '.join(added)}: measured {old['date']} ({old['command']})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,22 @@ def test_compare_smoke_on_own_models(overfit_models, tmp_path):
     assert rows[measured["bigru"]["label"]][4] == "–"
     assert (out / "wer_vs_rtf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # re-measure one system and keep the other rows of that run (after retraining one model)
+    again = tmp_path / "again"
+    base = [str(CORPUS / "sphinx"), "--bigru", str(overfit_models["bigru"])]
+    r = run_compare([*base, "--limit", "2", "--systems", "bigru", "--keep", str(out), "--out",
+                     str(again)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    new = {s["system"]: s for s in json.loads((again / "results.json").read_text())["systems"]}
+    assert set(new) == set(measured) and "measured" not in new["bigru"]
+    assert new["gru-stream"] == {**measured["gru-stream"], "measured": report["date"]}
+    assert "Rows kept from an earlier run (--keep): " in (again / "results.md").read_text()
+    # rows of another selection of utterances are refused
+    r = run_compare([*base, "--limit", "1", "--systems", "bigru", "--keep", str(out), "--out",
+                     str(tmp_path / "other")], tmp_path)
+    assert r.returncode == 1 and "--keep" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "other" / "results.md").exists()
+
 
 def test_compare_only_missing_peers_fails_cleanly_and_keeps_old_results(tmp_path):
     out = tmp_path / "out"
