@@ -380,7 +380,7 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     import json
 
     from asr.audio import AudioError
-    from asr.data import CorpusError, load_corpora
+    from asr.data import CorpusError, load_corpora, sample_utterances
     from asr.evaluate import align_pair, evaluate_utterances
 
     _threads(threads, streaming=stream)
@@ -392,11 +392,8 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
         utts, skipped = load_corpora(list(data_paths), lm.vocab, skip_bad)
     except CorpusError as e:
         _fail(str(e))
-    if sample and sample < len(utts):
-        import random
-
-        utts = sorted(random.Random(0).sample(sorted(utts, key=lambda u: u.id), sample),
-                      key=lambda u: u.id)
+    if sample:
+        utts = sample_utterances(utts, sample)
     from tqdm import tqdm
 
     with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False) as bar:

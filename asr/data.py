@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -221,6 +222,15 @@ def load_corpora(paths: Sequence[str], vocab: Vocab, skip_bad: bool) -> tuple[li
     if not utts:
         raise CorpusError([CorpusProblem(", ".join(paths), 0, "no usable utterances")])
     return utts, len(problems)
+
+
+def sample_utterances(utts: Sequence[Utterance], n: int, seed: int = 0) -> list[Utterance]:
+    """`n` utterances drawn at random (the same ones for the same corpora and seed), in id order;
+    all of them, as they are, when there are no more than `n`."""
+    if n >= len(utts):
+        return list(utts)
+    ordered = sorted(utts, key=lambda u: u.id)
+    return sorted(random.Random(seed).sample(ordered, n), key=lambda u: u.id)
 
 
 def check_problems(paths: Sequence[str], problems: Sequence[CorpusProblem], skip_bad: bool) -> None:

@@ -26,7 +26,8 @@ def main() -> None:
     ap.add_argument("fsdd", type=Path, help="the fsdd corpus folder")
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
-    counts = {}
+    counts: dict[tuple[str, str], int] = {}
+    transcripts: dict[Path, list[str]] = {}  # written once at the end: a rerun replaces, never appends
     for trans in sorted(args.fsdd.rglob("*.trans.txt")):
         for line in trans.read_text().splitlines():
             uid = line.split(" ", 1)[0]
@@ -37,9 +38,10 @@ def main() -> None:
                 dst.mkdir(parents=True, exist_ok=True)
                 for audio in trans.parent.glob(f"{uid}.*"):
                     shutil.copy(audio, dst / audio.name)
-                with open(dst / trans.name, "a") as f:
-                    f.write(line + "\n")
+                transcripts.setdefault(dst / trans.name, []).append(line)
                 counts[(kind, split)] = counts.get((kind, split), 0) + 1
+    for path, lines in transcripts.items():
+        path.write_text("\n".join(lines) + "\n")
     for (kind, split), n in sorted(counts.items()):
         print(f"{kind:8s} {split:5s} {n:5d} utterances")
 
