@@ -131,8 +131,10 @@ def cli():
 @click.argument("audio", nargs=-1, required=True)
 @click.option("--model", "model_path", help="Checkpoint (default: models/bigru.pt, or "
               "models/gru-stream.pt with --stream).")
-@click.option("--format", "fmt", type=click.Choice(["txt", "json", "srt", "vtt"]), default="txt",
-              show_default=True, help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(["txt", "json", "srt", "vtt", "jsonl"]),
+              default="txt", show_default=True,
+              help="Output format; jsonl (with --stream): every partial and final event, one per "
+              "line, as `asr listen --format jsonl` prints them.")
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Write one file per input (NAME.FORMAT) here instead of printing.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -152,10 +154,14 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
       asr transcribe samples/9300-1-0088.flac
       asr transcribe --format srt --output-dir subs/ talk.mp3 interview.wav
       asr transcribe --stream --realtime samples/9300-1-0087.flac
+      asr transcribe --stream --format jsonl samples/9300-1-0087.flac
     """
     from asr.audio import AudioError, load_audio
     from asr.transcribe import format_transcript, transcribe_file
 
+    if fmt == "jsonl" and not stream:
+        _fail("--format jsonl is the event stream of --stream; use --format json for a "
+              "whole-file transcript")
     _threads(threads, streaming=stream)
     lm = _load(model_path, streaming=stream, device=device)
     if stream and lm.model.cfg.bidirectional:
@@ -176,6 +182,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
     failed = 0
     show_bar = len(audio) > 1 and not stream
     for path in tqdm(audio, disable=not show_bar, unit="file", file=sys.stderr, leave=False):
+        events = None  # jsonl events of --stream --output-dir
         try:
             if stream:
                 wave = load_audio(path, lm.feature_config.sample_rate)
@@ -186,12 +193,22 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
             failed += 1
             continue
         if stream:
+            import io
+
             from asr.live import run_file_stream
 
+            events = io.StringIO() if output_dir and fmt == "jsonl" else None
             t = run_file_stream(lm, wave, chunk_ms=chunk_ms, endpoint_ms=endpoint_ms,
-                                realtime=realtime, echo=output_dir is None and fmt == "txt",
-                                beam=beam)
-        text = format_transcript(t, fmt)
+                                realtime=realtime, beam=beam,
+                                echo=fmt == "jsonl" or (output_dir is None and fmt == "txt"),
+                                fmt="jsonl" if fmt == "jsonl" else "text", out=events,
+                                extra={"file": path} if fmt == "jsonl" else None)
+        if events is not None:
+            text = events.getvalue()
+        elif stream and fmt == "jsonl":
+            continue  # printed as it happened
+        else:
+            text = format_transcript(t, fmt)
         if output_dir:
             base = os.path.splitext(os.path.basename(path))[0]
             out_path = os.path.join(output_dir, f"{base}.{fmt}")
@@ -200,7 +217,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
             except OSError as e:
                 tqdm.write(f"error: {out_path}: cannot write ({e.strerror or e})", file=sys.stderr)
                 failed += 1
-        elif not (stream and fmt == "txt"):
+        elif not (stream and fmt == "txt"):  # already printed as it happened
             click.echo(text, nl=False)
     if failed:
         raise SystemExit(1)
@@ -383,6 +400,9 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     from asr.data import CorpusError, load_corpora, sample_utterances
     from asr.evaluate import align_pair, evaluate_utterances
 
+    if fmt == "jsonl" and not stream:
+        _fail("--format jsonl is the event stream of --stream; use --format json for a "
+              "whole-file transcript")
     _threads(threads, streaming=stream)
     lm = _load(model_path, streaming=stream, device=device)
     if stream and lm.model.cfg.bidirectional:

@@ -27,15 +27,16 @@ from .transcribe import Transcript
 class EventPrinter:
     """text: partial line redrawn in place on a terminal, final lines kept; jsonl: one event per line."""
 
-    def __init__(self, fmt: str = "text", out: TextIO | None = None):
+    def __init__(self, fmt: str = "text", out: TextIO | None = None, extra: dict | None = None):
         self.out = out or sys.stdout
         self.fmt = fmt
+        self.extra = extra or {}  # jsonl: fields added to every event (e.g. the input file)
         self.tty = self.out.isatty()
         self._partial_len = 0
 
     def __call__(self, ev: StreamEvent) -> None:
         if self.fmt == "jsonl":
-            self.out.write(json.dumps(ev.to_dict()) + "\n")
+            self.out.write(json.dumps({**self.extra, **ev.to_dict()}) + "\n")
         elif ev.kind == "partial":
             if not self.tty:
                 return  # only final lines go to pipes and files in text mode
@@ -97,12 +98,14 @@ def paced(wave: np.ndarray, chunk_samples: int, sample_rate: int, realtime: bool
 
 def run_file_stream(lm: LoadedModel, wave: np.ndarray, chunk_ms: int = 100,
                     endpoint_ms: float | None = 800.0, realtime: bool = False, echo: bool = True,
-                    fmt: str = "text", beam: BeamConfig | None = None) -> Transcript:
-    """A file through the live path; prints events as `listen` would when `echo`.
+                    fmt: str = "text", beam: BeamConfig | None = None, out: TextIO | None = None,
+                    extra: dict | None = None) -> Transcript:
+    """A file through the live path; prints events as `listen` would when `echo` (to `out`,
+    default stdout; `extra`: fields added to each jsonl event).
     `beam`: beam search with a word LM instead of greedy decoding."""
     rate = lm.feature_config.sample_rate
     session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam, partials=echo)
-    printer = EventPrinter(fmt) if echo else None
+    printer = EventPrinter(fmt, out, extra) if echo else None
     t0 = time.perf_counter()
     finals = run_stream(session, paced(wave, rate * chunk_ms // 1000, rate, realtime), printer)
     return finals_to_transcript(lm, finals, len(wave) / rate, time.perf_counter() - t0)

@@ -188,6 +188,45 @@ def test_stream_needs_a_unidirectional_model(overfit_models):
     assert "--stream needs a unidirectional model" in r.stderr
 
 
+def _events(jsonl: str, path) -> list[dict]:
+    events = [json.loads(line) for line in jsonl.splitlines()]
+    assert events and all(e["file"] == str(path) for e in events)
+    assert {e["type"] for e in events} == {"partial", "final"}
+    return events
+
+
+def test_stream_jsonl_prints_every_event_of_each_file(overfit_models, tmp_path):
+    """`transcribe --stream --format jsonl`: the events `listen --format jsonl` would print, each
+    naming its file; the finals make up the transcript; --output-dir writes them per file."""
+    r = ok(transcribe("--stream", "--format", "jsonl", "--model", overfit_models["gru"], AUDIO,
+                      OTHER))
+    by_file = {}
+    for path in (AUDIO, OTHER):
+        mine = [line for line in r.stdout.splitlines() if json.loads(line)["file"] == str(path)]
+        events = by_file[path] = _events("\n".join(mine), path)
+        finals = [e for e in events if e["type"] == "final"]
+        assert " ".join(e["text"] for e in finals) == sample_reference(path.stem).lower()
+        ends = [e["end"] for e in events if e["type"] == "partial"]  # audio heard so far
+        assert ends == sorted(ends)
+        spans = [(e["start"], e["end"]) for e in finals]
+        assert all(a < b <= c for (a, b), (c, _) in zip(spans, spans[1:] + [(99.0, 0)]))
+        assert spans[-1][1] <= sf.info(path).duration + 0.01
+        first_final = next(i for i, e in enumerate(events) if e["type"] == "final")
+        assert events[first_final - 1]["type"] == "partial"  # text showed before it was final
+    ok(transcribe("--stream", "--format", "jsonl", "--model", overfit_models["gru"],
+                  "--output-dir", tmp_path, AUDIO))
+    written = _events((tmp_path / f"{STEM}.jsonl").read_text(), AUDIO)
+    assert [e for e in written if e["type"] == "final"] == [
+        e for e in by_file[AUDIO] if e["type"] == "final"]
+
+
+def test_jsonl_needs_stream(overfit_models):
+    r = transcribe("--format", "jsonl", "--model", overfit_models["bigru"], AUDIO)
+    assert r.exit_code == 1
+    assert "--format jsonl is the event stream of --stream" in r.stderr
+    assert "Traceback" not in r.output
+
+
 def test_streaming_decodes_on_one_thread_unless_told(overfit_models):
     """Per-chunk work is too small to share: extra threads only spin-wait (and, on a busy CPU,
     made streamed decoding up to 100x slower), so --stream uses one thread by default."""
