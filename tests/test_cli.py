@@ -209,7 +209,7 @@ def test_stream_jsonl_prints_every_event_of_each_file(overfit_models, tmp_path):
         ends = [e["end"] for e in events if e["type"] == "partial"]  # audio heard so far
         assert ends == sorted(ends)
         spans = [(e["start"], e["end"]) for e in finals]
-        assert all(a < b <= c for (a, b), (c, _) in zip(spans, spans[1:] + [(99.0, 0)]))
+        assert all(a < b <= c for (a, b), (c, _) in zip(spans, spans[1:] + [(99.0, 0)], strict=True))
         assert spans[-1][1] <= sf.info(path).duration + 0.01
         first_final = next(i for i, e in enumerate(events) if e["type"] == "final")
         assert events[first_final - 1]["type"] == "partial"  # text showed before it was final
