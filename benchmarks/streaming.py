@@ -3,7 +3,7 @@ and resident memory over a long continuous stream.
 
     python benchmarks/streaming.py [--model models/gru-stream.pt] [--chunk-ms 40 100 200]
         [--decoder greedy beam] [--timing-seconds 120] [--latency-utterances 40]
-        [--memory-minutes 1 10 60]
+        [--memory-minutes 1 10 60] [--threads 1 [2 ...]] [--busy N]
         [--state-data ../shared/data/librispeech-dev [--state-utterances 40]]
 
 The audio is the speech in samples/ with 1.5 s of quiet noise after each utterance, looped, and fed
@@ -16,6 +16,9 @@ as fast as possible through `StreamingSession.push` (featurizer, model step, dec
   silence in a live session) is not included. Target: at most 50 ms at p95;
 - RSS: resident memory of this process after 1, 10 and 60 minutes of continuous audio (100 ms
   chunks); it must stay flat, since a session's state does not grow with the stream;
+- --threads: torch intra-op threads for the timings (the CLI streams on 1 by default); --busy N
+  keeps N other processes spinning on the CPU meanwhile, as a loaded machine would (a training
+  run, a browser), where extra threads cost far more than they give;
 - with --state-data: WER of dev utterances joined by pauses into streams, with the model's hidden
   state kept or reset at each endpoint (and each utterance decoded alone, for reference).
 
@@ -38,6 +41,33 @@ sys.path.insert(0, str(ROOT))
 
 RATE = 16000
 GAP_S = 1.5  # silence after each utterance in the looped program
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+class Busy:
+    """N processes spinning on the CPU while the block runs."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs = []
+
+    def __enter__(self):
+        import multiprocessing as mp
+
+        self.procs = [mp.get_context("spawn").Process(target=_spin, daemon=True)
+                      for _ in range(self.n)]
+        for p in self.procs:
+            p.start()
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+            p.join()
 
 
 def rss_mb() -> float:
@@ -190,6 +220,10 @@ def main() -> None:
     ap.add_argument("--state-data", nargs="*", default=[],
                     help="dev corpus folder(s): also compare keeping and resetting the hidden "
                          "state at endpoints (WER)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1],
+                    help="torch threads for the timings (default: 1, as the CLI streams)")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="other processes kept spinning on the CPU during the timings")
     ap.add_argument("--state-utterances", type=int, default=40)
     ap.add_argument("--state-group", type=int, default=4, help="utterances joined per stream")
     args = ap.parse_args()
@@ -212,8 +246,8 @@ def main() -> None:
     cfg = lm.model.cfg
     print(f"model {args.model} ({cfg.cell} {cfg.num_layers}x{cfg.hidden_size}, "
           f"{sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f} M parameters); "
-          f"torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs\n")
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; timings with {args.busy} other busy processes\n")
 
     decoders = {}
     for name in args.decoder:
@@ -223,14 +257,18 @@ def main() -> None:
             from asr.beam import BeamConfig
 
             decoders[name] = BeamConfig()
-    print("| decoder | chunk | push p50 | push p95 | RTF | final text p50 | final text p95 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, beam in decoders.items():
-        for ms in args.chunk_ms:
-            p50, p95, rtf = timing(lm, program, ms, args.timing_seconds, beam)
-            l50, l95 = final_latency(lm, utts, ms, args.latency_utterances, beam)
-            print(f"| {name} | {ms} ms | {p50:.2f} ms | {p95:.2f} ms | {rtf:.4f} | {l50:.1f} ms "
-                  f"| {l95:.1f} ms |", flush=True)
+    print("| decoder | threads | chunk | push p50 | push p95 | RTF | final text p50 | final text p95 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    with Busy(args.busy):
+        for name, beam in decoders.items():
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for ms in args.chunk_ms:
+                    p50, p95, rtf = timing(lm, program, ms, args.timing_seconds, beam)
+                    l50, l95 = final_latency(lm, utts, ms, args.latency_utterances, beam)
+                    print(f"| {name} | {threads} | {ms} ms | {p50:.2f} ms | {p95:.2f} ms | {rtf:.4f} "
+                          f"| {l50:.1f} ms | {l95:.1f} ms |", flush=True)
+    torch.set_num_threads(1)
 
     if args.state_data:
         rows = endpoint_state(lm, args.state_data, args.state_utterances, args.state_group)
