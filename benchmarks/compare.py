@@ -376,14 +376,18 @@ def load_kept(args: argparse.Namespace, n_utts: int) -> dict:
 def merge_kept(report: dict, old: dict, ran: list[str]) -> None:
     """Add the old rows of systems not run now, in the table's usual order; note where from."""
     rows = {s["system"]: s for s in report["systems"]}
-    added = []
+    added: dict[tuple[str, str], list[str]] = {}  # (date, command) of the measuring run -> labels
     for s in old["systems"]:
         if s["system"] not in ran and s["system"] not in rows:
-            rows[s["system"]] = {**s, "measured": old["date"]}
-            added.append(s["label"])
+            # a row kept twice still names the run that really measured it
+            row = {**s, "measured": s.get("measured", old["date"]),
+                   "measured_by": s.get("measured_by", old["command"])}
+            rows[s["system"]] = row
+            added.setdefault((row["measured"], row["measured_by"]), []).append(s["label"])
     report["systems"] = sorted(rows.values(), key=lambda s: list(SYSTEMS).index(s["system"]))
     if added:
-        report["kept"] = f"{', '.join(added)}: measured {old['date']} ({old['command']})"
+        report["kept"] = "; ".join(f"{', '.join(labels)}: measured {date} ({command})"
+                                   for (date, command), labels in added.items())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,8 +102,20 @@ def test_compare_smoke_on_own_models(overfit_models, tmp_path):
     assert r.returncode == 0, r.stderr
     new = {s["system"]: s for s in json.loads((again / "results.json").read_text())["systems"]}
     assert set(new) == set(measured) and "measured" not in new["bigru"]
-    assert new["gru-stream"] == {**measured["gru-stream"], "measured": report["date"]}
+    assert new["gru-stream"] == {**measured["gru-stream"], "measured": report["date"],
+                                 "measured_by": report["command"]}
     assert "Rows kept from an earlier run (--keep): " in (again / "results.md").read_text()
+    # kept again from that run: the row still names the run that measured it, not the one between
+    third = tmp_path / "third"
+    r = run_compare([*base, "--limit", "2", "--systems", "bigru", "--keep", str(again), "--out",
+                     str(third)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows3 = {s["system"]: s for s in json.loads((third / "results.json").read_text())["systems"]}
+    assert rows3["gru-stream"] == new["gru-stream"]
+    kept_line = next(line for line in (third / "results.md").read_text().splitlines()
+                     if line.startswith("Rows kept"))
+    assert measured["gru-stream"]["label"] in kept_line
+    assert kept_line.endswith(f": measured {report['date']} ({report['command']}).")
     # rows of another selection of utterances are refused
     r = run_compare([*base, "--limit", "1", "--systems", "bigru", "--keep", str(out), "--out",
                      str(tmp_path / "other")], tmp_path)
