@@ -400,9 +400,6 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     from asr.data import CorpusError, load_corpora, sample_utterances
     from asr.evaluate import align_pair, evaluate_utterances
 
-    if fmt == "jsonl" and not stream:
-        _fail("--format jsonl is the event stream of --stream; use --format json for a "
-              "whole-file transcript")
     _threads(threads, streaming=stream)
     lm = _load(model_path, streaming=stream, device=device)
     if stream and lm.model.cfg.bidirectional:

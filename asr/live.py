@@ -28,7 +28,7 @@ class EventPrinter:
     """text: partial line redrawn in place on a terminal, final lines kept; jsonl: one event per line."""
 
     def __init__(self, fmt: str = "text", out: TextIO | None = None, extra: dict | None = None):
-        self.out = out or sys.stdout
+        self.out = out if out is not None else sys.stdout
         self.fmt = fmt
         self.extra = extra or {}  # jsonl: fields added to every event (e.g. the input file)
         self.tty = self.out.isatty()
