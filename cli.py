@@ -453,26 +453,33 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.option("--float32", "full", is_flag=True, help="Keep float32 weights (default: float16).")
-def export(checkpoint, output, full):
+def export(checkpoints, output, full):
     """Write an inference-only copy of a training checkpoint (small; float16 by default).
 
+    Several checkpoints of one run are averaged weight by weight (their last few steps
+    usually decode a little better together than the last alone).
+
     \b
-    Example:
+    Examples:
       asr export runs/bigru/best.pt models/bigru.pt
+      asr export runs/bigru/checkpoints/step-0000{1150,1175,1200}.pt models/bigru.pt
     """
     from asr.checkpoint import CheckpointError
     from asr.train import export_model
 
+    if os.path.abspath(output) in {os.path.abspath(c) for c in checkpoints}:
+        _fail(f"{output}: the output would overwrite one of the checkpoints it is made from")
     try:
-        export_model(checkpoint, output, half=not full)
+        meta = export_model(list(checkpoints), output, half=not full)
     except CheckpointError as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"{output}: cannot write ({e.strerror or e})")
-    click.echo(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB)")
+    avg = f", average of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""
+    click.echo(f"wrote {output} ({os.path.getsize(output) / 1e6:.1f} MB{avg}; step {meta.get('step', '?')})")
 
 
 if __name__ == "__main__":

@@ -766,11 +766,38 @@ def plot_run(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def export_model(src: str | os.PathLike, dst: str | os.PathLike, half: bool = True) -> dict:
-    """Inference-only copy of a checkpoint (no optimizer), optionally in float16."""
-    ck = read_checkpoint(src)
-    lm = model_from_checkpoint(ck, str(src))
-    meta = dict(ck.get("meta", {}))
+def export_model(src: str | os.PathLike | list, dst: str | os.PathLike, half: bool = True) -> dict:
+    """Inference-only copy of a checkpoint (no optimizer), optionally in float16.
+
+    Several sources (checkpoints of one run, e.g. its last few steps) are averaged weight by
+    weight: the usual cheap gain over the last checkpoint alone."""
+    srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    cks = [read_checkpoint(s) for s in srcs]
+    models = [model_from_checkpoint(ck, str(s)) for ck, s in zip(cks, srcs, strict=True)]
+    lm = models[-1]
+    meta = dict(cks[-1].get("meta", {}))
+    if len(models) > 1:
+        for m, s in zip(models[:-1], srcs[:-1], strict=True):
+            for what, a, b in (("model", m.model.cfg, lm.model.cfg),
+                               ("feature configuration", m.feature_config, lm.feature_config),
+                               ("vocabulary", m.vocab.tokens, lm.vocab.tokens)):
+                if a != b:
+                    raise CheckpointError(f"{s}: cannot average: its {what} differs from that of {srcs[-1]}")
+            if not (torch.equal(m.stats.mean, lm.stats.mean) and torch.equal(m.stats.std, lm.stats.std)):
+                raise CheckpointError(f"{s}: cannot average: its feature statistics differ from those "
+                                      f"of {srcs[-1]} (another run?)")
+        lm.model.load_state_dict(average_state_dicts([m.model.state_dict() for m in models]))
+        meta["averaged_steps"] = [ck.get("meta", {}).get("step") for ck in cks]
     out = make_checkpoint(lm.model, lm.feature_config, lm.stats, lm.vocab, meta, half=half)
     atomic_save(out, dst)
     return meta
+
+
+def average_state_dicts(states: list[dict]) -> dict:
+    """Element-wise mean of the floating-point tensors of several state dicts of one model
+    (integer buffers are taken from the last)."""
+    out = {}
+    for k, v in states[-1].items():
+        out[k] = (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+                  if v.is_floating_point() else v)
+    return out

@@ -232,3 +232,49 @@ def test_export_of_a_bad_checkpoint_writes_nothing(tmp_path, good):
     r = CliRunner().invoke(cli, ["export", str(src), str(dst)])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
     assert not dst.exists()
+
+
+def test_export_averages_several_checkpoints_weight_by_weight(tmp_path, good):
+    torch.manual_seed(1)
+    other = tiny_checkpoint(meta={"step": 9})
+    other["state_dict"] = {k: v + torch.randn_like(v) if v.is_floating_point() else v
+                           for k, v in other["state_dict"].items()}
+    atomic_save(other, tmp_path / "other.pt")
+    dst = tmp_path / "avg.pt"
+    r = CliRunner().invoke(cli, ["export", "--float32", str(good), str(tmp_path / "other.pt"), str(dst)])
+    assert r.exit_code == 0, r.output
+    assert "average of 2 checkpoints" in r.output
+    avg = load_model(dst)
+    a, b = tiny_checkpoint()["state_dict"], other["state_dict"]
+    for k, v in avg.model.state_dict().items():
+        torch.testing.assert_close(v, (a[k] + b[k]) / 2 if v.is_floating_point() else a[k])
+    assert avg.meta["step"] == 9 and avg.meta["averaged_steps"] == [7, 9]
+
+
+def test_export_refuses_to_average_checkpoints_of_different_models(tmp_path, good):
+    wide = tmp_path / "wide.pt"
+    atomic_save(make_checkpoint(CTCModel(ModelConfig(bidirectional=False, hidden_size=32, num_layers=2,
+                                                     conv_channels=4)),
+                                FeatureConfig(), FeatureStats(mean=torch.zeros(80), std=torch.ones(80)),
+                                Vocab()), wide)
+    dst = tmp_path / "avg.pt"
+    r = CliRunner().invoke(cli, ["export", str(good), str(wide), str(dst)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert "cannot average: its model differs" in r.stderr
+    assert not dst.exists()
+
+
+def test_export_will_not_overwrite_its_own_source(tmp_path, good):
+    before = good.read_bytes()
+    r = CliRunner().invoke(cli, ["export", str(good), str(good)])
+    assert r.exit_code == 1 and "would overwrite" in r.stderr
+    assert good.read_bytes() == before
+
+
+def test_export_refuses_to_average_checkpoints_of_different_runs(tmp_path, good):
+    other = tiny_checkpoint()
+    other["feature_stats"] = FeatureStats(mean=torch.zeros(80), std=torch.ones(80)).to_dict()
+    atomic_save(other, tmp_path / "other.pt")
+    r = CliRunner().invoke(cli, ["export", str(good), str(tmp_path / "other.pt"), str(tmp_path / "avg.pt")])
+    assert r.exit_code == 1 and "feature statistics differ" in r.stderr
+    assert not (tmp_path / "avg.pt").exists()
