@@ -301,7 +301,7 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-3, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--no-augment", is_flag=True, help="Disable speed/gain/noise/SpecAugment.")
+@click.option("--no-augment", is_flag=True, help="No augmentation at all (the same as --augment none).")
 @click.option("--augment", "augment_kinds", default="speed,gain,noise,specaugment", show_default=True,
               callback=_augment_kinds, help="Augmentations to use (comma-separated, or none).")
 @click.option("--init-from", type=click.Path(dir_okay=False),
