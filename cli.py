@@ -459,8 +459,8 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
 def export(checkpoints, output, full):
     """Write an inference-only copy of a training checkpoint (small; float16 by default).
 
-    Several checkpoints of one run are averaged weight by weight (their last few steps
-    usually decode a little better together than the last alone).
+    Several checkpoints of one run are averaged weight by weight (e.g. its last few steps;
+    measure on a dev split whether the average beats the last step).
 
     \b
     Examples:

@@ -770,7 +770,7 @@ def export_model(src: str | os.PathLike | list, dst: str | os.PathLike, half: bo
     """Inference-only copy of a checkpoint (no optimizer), optionally in float16.
 
     Several sources (checkpoints of one run, e.g. its last few steps) are averaged weight by
-    weight: the usual cheap gain over the last checkpoint alone."""
+    weight; for the shipped runs this gained nothing over the last step (models/README.md)."""
     srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     cks = [read_checkpoint(s) for s in srcs]
     models = [model_from_checkpoint(ck, str(s)) for ck, s in zip(cks, srcs, strict=True)]
