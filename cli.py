@@ -470,8 +470,6 @@ def export(checkpoints, output, full):
     from asr.checkpoint import CheckpointError
     from asr.train import export_model
 
-    if os.path.abspath(output) in {os.path.abspath(c) for c in checkpoints}:
-        _fail(f"{output}: the output would overwrite one of the checkpoints it is made from")
     try:
         meta = export_model(list(checkpoints), output, half=not full)
     except CheckpointError as e:

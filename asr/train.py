@@ -772,6 +772,8 @@ def export_model(src: str | os.PathLike | list, dst: str | os.PathLike, half: bo
     Several sources (checkpoints of one run, e.g. its last few steps) are averaged weight by
     weight; for the shipped runs this gained nothing over the last step (models/README.md)."""
     srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+    if os.path.realpath(dst) in {os.path.realpath(s) for s in srcs}:
+        raise CheckpointError(f"{dst}: the output would overwrite one of the checkpoints it is made from")
     cks = [read_checkpoint(s) for s in srcs]
     models = [model_from_checkpoint(ck, str(s)) for ck, s in zip(cks, srcs, strict=True)]
     lm = models[-1]
