@@ -117,6 +117,42 @@ class ArpaModel:
             h = h[1:]
 
 
+@dataclass(frozen=True)
+class Perplexity:
+    """A model's perplexity on held-out sentences (SRILM's convention: OOV words are not scored)."""
+
+    perplexity: float  # 10 ** (-log10 prob / scored tokens)
+    log10_prob: float  # summed over the scored tokens
+    scored: int  # in-vocabulary words plus one </s> per sentence
+    oov: int  # words outside the model's vocabulary, skipped
+
+    @property
+    def oov_rate(self) -> float:
+        words = self.scored + self.oov
+        return self.oov / words if words else 0.0
+
+
+def perplexity(model: ArpaModel, sentences: Iterable[Sequence[str]]) -> Perplexity:
+    """Score each sentence as <s> w1 .. wn </s>: every in-vocabulary word and the closing </s>.
+
+    An OOV word is left unscored (and counted) but stays in the history, where back-off maps it to
+    <unk>, so that perplexities of LMs with the same vocabulary compare directly.
+    """
+    total, scored, oov = 0.0, 0, 0
+    for words in sentences:
+        history = [BOS]
+        for w in (*words, EOS):
+            if w != EOS and (w,) not in model.prob[0]:
+                oov += 1
+            else:
+                total += model.log10p(w, history)
+                scored += 1
+            history.append(w)
+    if scored == 0:
+        raise LMError("no words to score")
+    return Perplexity(10 ** (-total / scored), total, scored, oov)
+
+
 def estimate(counts: list[Counter], prune: Sequence[int] = (), fallback_discounts: bool = False,
              discount_override: Sequence[tuple[float, float, float]] | None = None) -> ArpaModel:
     """Interpolated modified Kneser-Ney from raw counts, optionally count-pruned.

@@ -1,8 +1,8 @@
 """Greedy vs beam search (+ word n-gram LM) on dev corpora: WER, CER and decoding cost, and sweeps.
 
     python benchmarks/beam_decoding.py --model runs/bigru/best.pt --data DEV [--data DEV2] \\
-        [--limit N] [--lm models/lm.arpa.gz] [--lm-weight 0.4 0.6 0.8] [--word-score 0 0.5 1] \\
-        [--beam-size 32] [--pyctcdecode]
+        [--limit N] [--lm models/lm.arpa.gz [OTHER.arpa.gz ...]] [--lm-weight 0.4 0.6 0.8] \\
+        [--word-score 0 0.5 1] [--beam-size 32] [--pyctcdecode]
 
 The acoustic model runs once per utterance (its time is measured separately); every decoder then
 decodes the same log-probabilities. For each corpus the table gives corpus WER/CER and the decoding
@@ -11,7 +11,9 @@ every (lm weight, word score, beam size) in the grid (times are CPU seconds of t
 which a busy shared machine distorts far less than wall time); `--pyctcdecode` adds pyctcdecode + KenLM
 (an alternative library, not a dependency) with the same LM, weight and word score, for the
 comparison behind the choice of flashlight-text. The model's own RTF is printed per corpus; the
-end-to-end RTF of a decoder is model RTF + decoder RTF. Use dev splits only.
+end-to-end RTF of a decoder is model RTF + decoder RTF. Several `--lm` files are compared on the
+same log-probabilities, each with its perplexity on the corpus' transcripts (`asr.lm.perplexity`;
+OOV words are not scored, and their rate is printed). Use dev splits only.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", action="append", required=True, help="LibriSpeech-layout dev corpus")
     ap.add_argument("--limit", type=int, default=0, help="first N utterances per corpus (0: all)")
-    ap.add_argument("--lm", default=None, help="ARPA LM (default: the shipped models/lm.arpa.gz)")
+    ap.add_argument("--lm", nargs="+", default=None,
+                    help="ARPA LM(s) (default: the shipped models/lm.arpa.gz)")
     ap.add_argument("--lm-weight", type=float, nargs="+", default=None)
     ap.add_argument("--word-score", type=float, nargs="+", default=None)
     ap.add_argument("--beam-size", type=int, nargs="+", default=None)
@@ -101,17 +104,26 @@ def main(argv=None) -> None:
     from asr.checkpoint import load_model
     from asr.data import load_corpora
     from asr.evaluate import error_counts
+    from asr.lm import LMError, perplexity, read_arpa
 
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
-    base = BeamConfig(lm_path=str(args.lm or DEFAULT_LM))
+    base = BeamConfig()
+    lm_paths = [str(p) for p in args.lm or [DEFAULT_LM]]
     weights = args.lm_weight or [base.lm_weight]
     scores = args.word_score or [base.word_score]
     sizes = args.beam_size or [base.beam_size]
-    t0, c0 = time.perf_counter(), time.process_time()
-    run_beam(lm, [], base)  # load the LM once, outside the timings
-    print(f"LM load: {time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU "
-          f"({base.lm_path})", file=sys.stderr)
+    for path in lm_paths:
+        t0, c0 = time.perf_counter(), time.process_time()
+        run_beam(lm, [], BeamConfig(lm_path=path))  # load each LM once, outside the timings
+        print(f"LM load: {time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s "
+              f"CPU ({path}, {Path(path).stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    arpa = {}  # parsed in Python for the perplexities; a KenLM binary file gets none
+    for path in lm_paths:
+        try:
+            arpa[path] = read_arpa(path)
+        except LMError:
+            print(f"{path}: not ARPA text, no perplexity", file=sys.stderr)
     rows = []
     for data in args.data:
         utts, _ = load_corpora([data], lm.vocab, skip_bad=True)
@@ -126,24 +138,31 @@ def main(argv=None) -> None:
         def record(decoder, setting, hyps, seconds, name=name, refs=refs, audio_s=audio_s):
             c = error_counts(refs, hyps)
             rows.append((name, decoder, setting, 100 * c.wer, 100 * c.cer, seconds / audio_s))
-            print(f"  {decoder:12s} {setting:28s} WER {100 * c.wer:6.2f}  CER {100 * c.cer:6.2f}"
+            print(f"  {decoder:12s} {setting:40s} WER {100 * c.wer:6.2f}  CER {100 * c.cer:6.2f}"
                   f"  RTF {seconds / audio_s:.4f}", file=sys.stderr, flush=True)
 
         t0 = time.process_time()
         hyps = run_greedy(lm, lps)
         record("greedy", "-", hyps, time.process_time() - t0)
-        for w, s, b in itertools.product(weights, scores, sizes):
-            cfg = BeamConfig(lm_path=base.lm_path, lm_weight=w, word_score=s, beam_size=b)
+        ppl = {}
+        for path, model in arpa.items():
+            p = perplexity(model, [r.split() for r in refs])
+            ppl[path] = f" (ppl {p.perplexity:.0f}, OOV {100 * p.oov_rate:.1f} %)"
+        for path, w, s, b in itertools.product(lm_paths, weights, scores, sizes):
+            setting = f"w={w:g} s={s:g} beam={b}{ppl.get(path, '')}"
+            if len(lm_paths) > 1:
+                setting = f"{Path(path).name} {setting}"
+            cfg = BeamConfig(lm_path=path, lm_weight=w, word_score=s, beam_size=b)
             t0 = time.process_time()
             hyps = run_beam(lm, lps, cfg)
-            record("beam", f"w={w:g} s={s:g} beam={b}", hyps, time.process_time() - t0)
+            record("beam", setting, hyps, time.process_time() - t0)
             if args.pyctcdecode:
                 c0 = time.process_time()
-                dec = make_pyctcdecode(lm, base.lm_path, w / 2.302585, s)
+                dec = make_pyctcdecode(lm, path, w / 2.302585, s)
                 print(f"  pyctcdecode LM load: {time.process_time() - c0:.1f} s CPU", file=sys.stderr)
                 t0 = time.process_time()
                 hyps = run_pyctcdecode(dec, lps, b)
-                record("pyctcdecode", f"w={w:g} s={s:g} beam={b}", hyps, time.process_time() - t0)
+                record("pyctcdecode", setting, hyps, time.process_time() - t0)
     print("| corpus | decoder | setting | WER % | CER % | decoder RTF (CPU) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -18,6 +18,7 @@ from asr.lm import (
     count_ngrams,
     discounts,
     estimate,
+    perplexity,
     read_arpa,
     write_arpa,
 )
@@ -74,6 +75,21 @@ def test_bigram_probabilities_by_hand():
     # an unseen bigram backs off: p(c | <s>) = bow(<s>) p(c)
     assert 10 ** m.log10p("c", [BOS]) == pytest.approx(0.5 * 0.1625)
     assert 10 ** m.log10p("zebra", ["a"]) == pytest.approx(0.5 * 0.1)  # -> <unk>
+
+
+def test_perplexity_by_hand_with_oov_words_skipped():
+    m = estimate(count_ngrams(TOY, 2), discount_override=[FIXED, FIXED])
+    # p(a | <s>) p(c | a) p(</s> | c), from the hand-computed bigrams above
+    probs = [(2 - 1.0) / 3 + 0.5 * 0.225, 0.5 / 3 + 0.5 * 0.1625, 0.5 + 0.5 * 0.2875]
+    r = perplexity(m, [["a", "c"]])
+    assert (r.scored, r.oov) == (3, 0)
+    assert r.perplexity == pytest.approx(math.prod(probs) ** (-1 / 3))
+    # "zebra" is not scored; </s> after it backs off to the unigram p(</s>) = 0.2875
+    r = perplexity(m, [["a", "c"], ["a", "zebra"]])
+    assert (r.scored, r.oov) == (5, 1) and r.oov_rate == pytest.approx(1 / 6)
+    assert r.log10_prob == pytest.approx(math.log10(math.prod(probs) * probs[0] * 0.2875))
+    with pytest.raises(LMError, match="no words"):
+        perplexity(m, [])
 
 
 def _random_corpus(n_sentences=400, seed=0):
