@@ -115,7 +115,10 @@ def main(argv=None) -> None:
     sizes = args.beam_size or [base.beam_size]
     for path in lm_paths:
         t0, c0 = time.perf_counter(), time.process_time()
-        run_beam(lm, [], BeamConfig(lm_path=path))  # load each LM once, outside the timings
+        try:
+            run_beam(lm, [], BeamConfig(lm_path=path))  # load each LM once, outside the timings
+        except LMError as e:
+            raise SystemExit(f"error: {e}") from None
         print(f"LM load: {time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s "
               f"CPU ({path}, {Path(path).stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     arpa = {}  # parsed in Python for the perplexities; a KenLM binary file gets none
