@@ -253,13 +253,14 @@ class AugmentConfig:
     time_masks: int = 2  # SpecAugment time masks (per 10 s, at least one)
     time_mask_frames: int = 40  # max width of each
     max_time_mask_ratio: float = 0.2  # time masks never cover more than this share of the input
+    vtlp: float = 0.1  # vocal tract length perturbation: warp factor uniform in 1 +- this (0: off)
 
     @property
     def masks(self) -> bool:
         return bool(self.freq_masks or self.time_masks)
 
 
-AUGMENT_KINDS = ("speed", "gain", "noise", "specaugment")
+AUGMENT_KINDS = ("speed", "gain", "noise", "specaugment", "vtlp")
 
 
 def parse_augment_kinds(text: str) -> tuple[str, ...]:
@@ -287,6 +288,8 @@ def augment_config(kinds: Sequence[str]) -> AugmentConfig | None:
         off["noise_prob"] = 0.0
     if "specaugment" not in kinds:
         off.update(freq_masks=0, time_masks=0)
+    if "vtlp" not in kinds:
+        off["vtlp"] = 0.0
     return replace(AugmentConfig(), **off)
 
 
@@ -354,7 +357,10 @@ class SpeechDataset(torch.utils.data.Dataset):
         if self.augment is not None and seed is not None:
             g = torch.Generator().manual_seed(seed)
             wave = perturb_wave(wave, self.augment, g)
-        feats = log_mel(wave, self.fcfg)
+        warp = 1.0
+        if g is not None and self.augment.vtlp:  # drawn after perturb_wave's draws: they stay as they were
+            warp = 1.0 + (torch.rand(1, generator=g).item() * 2 - 1) * self.augment.vtlp
+        feats = log_mel(wave, self.fcfg, vtlp=warp)
         if self.stats is not None:
             feats = self.stats.normalize(feats)
         if g is not None and self.augment.masks:

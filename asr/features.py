@@ -46,20 +46,46 @@ def _mel_transform(cfg: FeatureConfig):
         center=False, power=2.0, norm="slaney", mel_scale="slaney")
 
 
-def _frames(wave: Tensor, cfg: FeatureConfig) -> Tensor:
+def warped_mel_fbank(cfg: FeatureConfig, alpha: float, boundary_hz: float = 4800.0) -> Tensor:
+    """The mel filterbank under vocal tract length perturbation (VTLP), (n_fft // 2 + 1, F).
+
+    Frequency f of the input spectrum is read as warp(f): alpha * f up to a boundary, then the straight
+    line that keeps Nyquist at Nyquist (Jaitly & Hinton 2013). alpha > 1 moves the formants up, as a
+    shorter vocal tract would. Each filter is the unwarped triangle, interpolated at warp(f).
+    """
+    fb = _mel_transform(cfg).mel_scale.fb  # (n_freqs, F), sampled at linspace(0, nyquist, n_freqs)
+    n_freqs = fb.shape[0]
+    nyquist = cfg.sample_rate / 2
+    freqs = torch.linspace(0, nyquist, n_freqs, dtype=torch.float64)
+    knee = boundary_hz * min(alpha, 1.0) / alpha
+    upper = nyquist - (nyquist - boundary_hz * min(alpha, 1.0)) / (nyquist - knee) * (nyquist - freqs)
+    warped = torch.where(freqs <= knee, alpha * freqs, upper).clamp(0, nyquist)
+    pos = warped / nyquist * (n_freqs - 1)  # fractional index into the unwarped grid
+    lo = pos.floor().long().clamp(max=n_freqs - 2)
+    frac = (pos - lo).float().unsqueeze(1)
+    return fb[lo] * (1 - frac) + fb[lo + 1] * frac
+
+
+def _frames(wave: Tensor, cfg: FeatureConfig, fbank: Tensor | None = None) -> Tensor:
     """Log-mel of every complete frame in `wave`: (N,) -> (T, F), T = 1 + (N - n_fft) // hop."""
     if wave.shape[0] < cfg.n_fft:
         return torch.zeros(0, cfg.n_mels)
+    transform = _mel_transform(cfg)
     with torch.no_grad():
-        mel = _mel_transform(cfg)(wave.clamp(-MAX_AMPLITUDE, MAX_AMPLITUDE))  # (F, T)
+        wave = wave.clamp(-MAX_AMPLITUDE, MAX_AMPLITUDE)
+        if fbank is None:
+            mel = transform(wave)  # (F, T)
+        else:
+            mel = fbank.T @ transform.spectrogram(wave)
     return torch.log(mel + LOG_FLOOR).T.contiguous()
 
 
-def log_mel(wave: np.ndarray | Tensor, cfg: FeatureConfig = FeatureConfig()) -> Tensor:
+def log_mel(wave: np.ndarray | Tensor, cfg: FeatureConfig = FeatureConfig(), vtlp: float = 1.0) -> Tensor:
     """Un-normalised log-mel features of a whole utterance.
 
     Args:
         wave: (N,) float32 samples at cfg.sample_rate.
+        vtlp: frequency warp factor for training augmentation (`warped_mel_fbank`); 1.0 = none.
     Returns:
         (N // hop, F) float32.
     """
@@ -67,7 +93,7 @@ def log_mel(wave: np.ndarray | Tensor, cfg: FeatureConfig = FeatureConfig()) -> 
     assert w.ndim == 1, f"expected mono (N,) samples, got {tuple(w.shape)}"
     n_frames = w.shape[0] // cfg.hop_length
     padded = torch.nn.functional.pad(w, (0, cfg.n_fft - cfg.hop_length))
-    feats = _frames(padded, cfg)
+    feats = _frames(padded, cfg, None if vtlp == 1.0 else warped_mel_fbank(cfg, vtlp))
     assert feats.shape[0] == n_frames
     return feats
 

@@ -38,7 +38,6 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .data import (
-    AUGMENT_KINDS,
     CorpusError,
     CorpusProblem,
     DurationBatchSampler,
@@ -79,7 +78,7 @@ class TrainConfig:
     clip_norm: float = 5.0  # gradient norm clip
     seed: int = 0  # data order, augmentation and initialisation
     augment: bool = True  # augment training batches (False: none at all)
-    augment_kinds: str = ",".join(AUGMENT_KINDS)  # which augmentations, comma-separated
+    augment_kinds: str = "speed,gain,noise,specaugment"  # which augmentations (AUGMENT_KINDS), comma-separated
     init_from: str = ""  # start from this checkpoint's weights and feature statistics (fine-tuning)
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 1  # DataLoader worker processes

@@ -31,7 +31,7 @@ from asr.data import (
     scan_corpus,
     spec_augment,
 )
-from asr.features import FeatureConfig, FeatureStats, log_mel
+from asr.features import FeatureConfig, FeatureStats, _mel_transform, log_mel, warped_mel_fbank
 from asr.text import Vocab
 from cli import cli
 
@@ -329,3 +329,34 @@ def test_augmentations_can_be_chosen_one_by_one():
     assert (masked == 0).all(0).any() and (masked == 0).all(1).any()
     no_time = replace(masks_only, time_masks=0)
     assert not (spec_augment(feats, no_time, torch.Generator().manual_seed(0)) == 0).all(1).any()
+
+
+def _mel_centroid(feats: torch.Tensor) -> float:
+    """Power-weighted mean mel bin of un-normalised log-mel features."""
+    power = feats.exp()
+    return float((power * torch.arange(feats.shape[1])).sum() / power.sum())
+
+
+def test_vtlp_moves_the_spectrum_and_leaves_the_other_draws_alone():
+    cfg = FeatureConfig()
+    wave = load_audio(str(CARDS / "9301-1-0005.flac"))
+    torch.testing.assert_close(warped_mel_fbank(cfg, 1.0), _mel_transform(cfg).mel_scale.fb.float())
+    clean = log_mel(wave, cfg)
+    # alpha > 1 reads each filter lower in the input spectrum: formants move up, as for a shorter tract
+    up, down = log_mel(wave, cfg, vtlp=1.1), log_mel(wave, cfg, vtlp=0.9)
+    assert up.shape == down.shape == clean.shape
+    assert _mel_centroid(down) + 0.3 < _mel_centroid(clean) < _mel_centroid(up) - 0.3
+    torch.testing.assert_close(log_mel(wave, cfg, vtlp=1.0 + 1e-9), clean, atol=1e-3, rtol=0)
+
+    assert augment_config(("speed", "gain")).vtlp == 0 and augment_config(("vtlp",)).vtlp > 0
+    utts, _ = scan_corpus(CARDS.parent.parent, Vocab())
+    idx = next(i for i, u in enumerate(utts) if u.id == "9301-1-0005")
+    plain = SpeechDataset(utts, Vocab(), cfg, None, augment=augment_config(("speed", "gain")))
+    warped = SpeechDataset(utts, Vocab(), cfg, None, augment=augment_config(("speed", "gain", "vtlp")))
+    for seed in range(6):  # the warp is drawn last: speed and gain are the same draws as without it
+        a, b = plain.features(idx, seed), warped.features(idx, seed)
+        assert a.shape == b.shape and not torch.equal(a, b)
+        assert abs(float(a.mean() - b.mean())) < 0.5
+    only = SpeechDataset(utts, Vocab(), cfg, None, augment=augment_config(("vtlp",)))
+    warps = {round(_mel_centroid(only.features(idx, s)) - _mel_centroid(clean), 2) for s in range(8)}
+    assert len(warps) == 8 and min(warps) < 0 < max(warps)  # a new factor per draw, both ways
