@@ -308,6 +308,14 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--init-from", type=click.Path(dir_okay=False),
               help="Start from this checkpoint's weights and feature statistics (a new run with its "
                    "own recipe, e.g. fine-tuning with other augmentation).")
+@click.option("--teacher", type=click.Path(dir_okay=False),
+              help="Distil from this model: add the frame-wise KL divergence from its CTC posteriors "
+                   "(e.g. the offline BiGRU's) to the student's CTC loss.")
+@click.option("--distill-weight", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="Weight of the distillation loss (with --teacher).")
+@click.option("--distill-delay", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Output frames (40 ms) the student lags the teacher: a streaming student emits "
+                   "later than a bidirectional teacher (with --teacher).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads per process.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=1, show_default=True,
@@ -321,7 +329,7 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--debug-ranks", is_flag=True, hidden=True)
 def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout,
           epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
-          device, threads,
+          teacher, distill_weight, distill_delay, device, threads,
           num_workers, eval_every, save_every, keep_last, log_every, skip_bad, resume, debug_ranks):
     """Train a CTC model on LibriSpeech-layout corpora (also under torchrun for several processes).
 
@@ -347,6 +355,7 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
                       dropout=dropout, epochs=epochs, max_steps=max_steps,
                       batch_seconds=batch_seconds, lr=lr, warmup_steps=warmup_steps, seed=seed,
                       augment=not no_augment, augment_kinds=augment_kinds, init_from=init_from or "",
+                      teacher=teacher or "", distill_weight=distill_weight, distill_delay=distill_delay,
                       device=device, num_workers=num_workers,
                       eval_every=eval_every, save_every=save_every, keep_last=keep_last,
                       log_every=log_every, skip_bad=skip_bad, debug_ranks=debug_ranks)

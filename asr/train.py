@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from .audio import AudioError
@@ -80,6 +81,9 @@ class TrainConfig:
     augment: bool = True  # augment training batches (False: none at all)
     augment_kinds: str = "speed,gain,noise,specaugment"  # which augmentations (AUGMENT_KINDS), comma-separated
     init_from: str = ""  # start from this checkpoint's weights and feature statistics (fine-tuning)
+    teacher: str = ""  # distil from this model's CTC posteriors (e.g. the BiGRU into the streaming GRU)
+    distill_weight: float = 1.0  # loss = CTC + distill_weight * frame KL(teacher || student)
+    distill_delay: int = 0  # output frames the student lags the teacher (a causal model emits later)
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 1  # DataLoader worker processes
     log_every: int = 20  # steps between metrics lines
@@ -377,6 +381,59 @@ def _init_checkpoint(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab) -> dic
     return ckpt
 
 
+class Teacher:
+    """A frozen model whose CTC posteriors the student learns to match, frame by frame.
+
+    The student's frame t is compared with the teacher's frame t - delay: a causal (streaming)
+    student emits each symbol a few frames after a bidirectional teacher that sees the future. The
+    teacher gets the student's (augmented, normalised) features, mapped to its own statistics.
+    """
+
+    def __init__(self, model: CTCModel, scale: Tensor, shift: Tensor, weight: float, delay: int):
+        self.model = model.eval().requires_grad_(False)
+        self.scale, self.shift = scale, shift  # student-normalised -> teacher-normalised, per bin
+        self.weight = weight
+        self.delay = delay
+
+    def to(self, device: torch.device) -> Teacher:
+        self.model.to(device)
+        self.scale, self.shift = self.scale.to(device), self.shift.to(device)
+        return self
+
+    def loss(self, feats: Tensor, lengths: Tensor, log_probs: Tensor, out_lengths: Tensor) -> Tensor:
+        """Sum over utterances and frames of KL(teacher[t - delay] || student[t]), divided by B."""
+        with torch.no_grad():
+            inside = torch.arange(feats.shape[1], device=feats.device)[None, :] < lengths.to(feats.device)[:, None]
+            teacher_lp, _ = self.model((feats * self.scale + self.shift) * inside[..., None], lengths)
+        d = self.delay
+        n = log_probs.shape[1] - d
+        if n <= 0:
+            return log_probs.sum() * 0.0
+        t_lp = teacher_lp[:, :n].float()
+        s_lp = log_probs[:, d:].float()
+        frame = torch.arange(d, d + n, device=log_probs.device)
+        valid = frame[None, :] < out_lengths.to(log_probs.device)[:, None]  # (B, n)
+        kl = (t_lp.exp() * (t_lp - s_lp)).sum(-1)  # (B, n)
+        return (kl * valid).sum() / log_probs.shape[0]
+
+
+def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
+    """The --teacher checkpoint, checked to share the student's features, vocabulary and frame rate."""
+    ckpt = read_checkpoint(cfg.teacher)
+    wrong = []
+    if ckpt["feature_config"] != fcfg.to_dict():
+        wrong.append("its feature settings")
+    if ckpt["vocab"] != vocab.to_dict():
+        wrong.append("its vocabulary")
+    if wrong:
+        raise CheckpointError(f"--teacher {cfg.teacher}: does not fit this model: it has "
+                              + " and ".join(wrong) + " (the student's must be the same)")
+    loaded = model_from_checkpoint(ckpt, cfg.teacher)
+    t_stats = loaded.stats
+    return Teacher(loaded.model, stats.std / t_stats.std, (stats.mean - t_stats.mean) / t_stats.std,
+                   cfg.distill_weight, cfg.distill_delay)
+
+
 def _load_training_data(cfg: TrainConfig, vocab: Vocab):
     """Training utterances with their per-epoch weights, dev utterances, and the problems skipped.
 
@@ -492,6 +549,10 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    teacher = load_teacher(cfg, fcfg, vocab, stats).to(device) if cfg.teacher else None
+    if main and teacher is not None:
+        print(f"distilling from {cfg.teacher} (weight {cfg.distill_weight}, student delay "
+              f"{cfg.distill_delay} frames)")
     aug = augment_config(parse_augment_kinds(cfg.augment_kinds)) if cfg.augment else None
     ds = SpeechDataset(train_utts, vocab, fcfg, stats, aug)
     sampler = DurationBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, cfg.seed,
@@ -597,7 +658,8 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 lr = get_lr(state.step, total_steps, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss_value, grad_norm = train_step(ddp_model, opt, scaler, batch, device, cfg.clip_norm)
+                loss_value, grad_norm = train_step(ddp_model, opt, scaler, batch, device, cfg.clip_norm,
+                                                  teacher)
                 state.step += 1
                 state.batch_in_epoch += 1
                 if cfg.debug_ranks:
@@ -698,15 +760,20 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batch: dict, device: torch.device, clip_norm: float) -> tuple[float, float]:
-    """One optimizer step on a collated batch: CTC loss per utterance, float16 autocast on CUDA,
-    gradient clipping. `model` may be DDP-wrapped. Returns (loss, gradient norm before clipping)."""
+               batch: dict, device: torch.device, clip_norm: float,
+               teacher: Teacher | None = None) -> tuple[float, float]:
+    """One optimizer step on a collated batch: CTC loss per utterance (plus the teacher's weighted
+    distillation loss), float16 autocast on CUDA, gradient clipping. `model` may be DDP-wrapped.
+    Returns (loss, gradient norm before clipping)."""
     feats = batch["feats"].to(device, non_blocking=True)  # (B, T, F)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         log_probs, out_lengths = model(feats, batch["lengths"])  # (B, T', V), (B,)
+        distill = teacher.loss(feats, batch["lengths"], log_probs, out_lengths) if teacher else None
     loss = F.ctc_loss(log_probs.transpose(0, 1).float(), batch["targets"].to(device),
                       out_lengths, batch["target_lengths"].to(device), blank=0,
                       reduction="sum", zero_infinity=True) / feats.shape[0]
+    if distill is not None:
+        loss = loss + teacher.weight * distill
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)

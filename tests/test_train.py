@@ -21,9 +21,10 @@ from conftest import CORPUS, make_subcorpus
 from asr.audio import load_audio
 from asr.checkpoint import read_checkpoint
 from asr.data import scan_corpus
-from asr.features import log_mel
+from asr.features import FeatureConfig, FeatureStats, log_mel
+from asr.model import output_lengths
 from asr.text import Vocab
-from asr.train import CKPT_DIR, TrainConfig, get_lr, selection_score, train
+from asr.train import CKPT_DIR, TrainConfig, get_lr, load_teacher, selection_score, train
 from cli import cli
 
 TRAIN_IDS = ("9301-1-0001", "9301-1-0002", "9301-1-0003", "9301-1-0004", "9301-1-0005",
@@ -265,3 +266,77 @@ def test_init_from_starts_a_new_recipe_from_a_trained_model(overfit_corpus, over
     assert not (tmp_path / "bad" / "checkpoints").exists()
     r = CliRunner().invoke(cli, [*args, "--augment", "speed,echo", "--out", str(tmp_path / "bad2")])
     assert r.exit_code == 2 and "'echo'" in r.output
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def _posteriors(model_path: Path, utts, stats=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(feats, lengths, log-probs) of a model over the utterances as one padded batch; the features
+    are normalised with `stats` (default: the model's own)."""
+    from asr.checkpoint import load_model
+    from asr.data import collate
+
+    lm = load_model(model_path)
+    stats = stats or lm.stats
+    items = [(stats.normalize(log_mel(load_audio(u.path))), torch.zeros(1, dtype=torch.long), u.id)
+             for u in utts]
+    batch = collate(items)
+    with torch.no_grad():
+        lp, _ = lm.model(batch["feats"], batch["lengths"])
+    return batch["feats"], batch["lengths"], lp
+
+
+def test_distillation_loss_compares_the_student_with_the_delayed_teacher(overfit_corpus, overfit_models):
+    """KL(teacher[t - delay] || student[t]) over the valid frames: zero for the teacher itself, zero
+    for a copy of it that emits `delay` frames later (as a causal student does), positive otherwise."""
+    utts, _ = scan_corpus(overfit_corpus, Vocab())
+    teacher_path = overfit_models["bigru"]
+    feats, lengths, lp = _posteriors(teacher_path, utts)
+    stats = read_checkpoint(teacher_path)["feature_stats"]
+    cfg = TrainConfig(train=("x",), dev=(), out="x", teacher=str(teacher_path))
+    out_len = output_lengths(lengths)
+    teacher = load_teacher(cfg, FeatureConfig(), Vocab(), FeatureStats.from_dict(stats))
+    assert teacher.loss(feats, lengths, lp, out_len) == pytest.approx(0.0, abs=1e-3)
+    late = torch.cat([lp[:, :1].expand(-1, 3, -1), lp[:, :-3]], dim=1)  # emits 3 frames later
+    assert teacher.loss(feats, lengths, late, out_len) > 20.0
+    teacher.delay = 3
+    assert teacher.loss(feats, lengths, late, out_len) == pytest.approx(0.0, abs=1e-3)
+    # frames beyond an utterance's length do not count
+    garbage = late.clone()
+    for b, n in enumerate(out_len.tolist()):
+        garbage[b, n:] = torch.log_softmax(torch.randn_like(garbage[b, n:]), -1)
+    assert teacher.loss(feats, lengths, garbage, out_len) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_teacher_pulls_a_new_student_towards_its_posteriors(overfit_corpus, overfit_models, tmp_path):
+    """`asr train --teacher`: the same fresh streaming student, the same batches, with and without
+    the BiGRU teacher; the distilled one ends much closer to the teacher's posteriors. A teacher
+    that is not a checkpoint is a one-line error before anything is written."""
+    args = ["train", "--train", str(overfit_corpus), "--arch", "gru", "--hidden-size", "64",
+            "--num-layers", "1", "--conv-channels", "8", "--dropout", "0", "--max-steps", "40",
+            "--lr", "3e-3", "--warmup-steps", "5", "--no-augment", "--num-workers", "0",
+            "--batch-seconds", "40"]
+    utts, _ = scan_corpus(overfit_corpus, Vocab())
+    teacher_path = overfit_models["bigru"]
+    kl = {}
+    for name, extra in (("plain", []), ("distilled", ["--teacher", str(teacher_path),
+                                                      "--distill-weight", "10"])):
+        r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+        assert ("distilling from" in r.output) == (name == "distilled")
+        student = Path(r.output.split("model: ")[-1].strip())
+        s_stats = FeatureStats.from_dict(read_checkpoint(student)["feature_stats"])
+        _, lengths, s_lp = _posteriors(student, utts)
+        _, _, t_lp = _posteriors(teacher_path, utts, s_stats)
+        valid = torch.arange(s_lp.shape[1])[None, :] < output_lengths(lengths)[:, None]
+        kl[name] = float(((t_lp.exp() * (t_lp - s_lp)).sum(-1) * valid).sum() / valid.sum())
+    saved = json.loads((tmp_path / "distilled" / "train_config.json").read_text())
+    assert saved["teacher"] == str(teacher_path) and saved["distill_weight"] == 10.0
+    print("mean KL per frame to the teacher:", kl)
+    assert kl["distilled"] < 0.75 * kl["plain"], kl
+
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--teacher",
+                                 str(overfit_corpus / "missing.pt")])
+    assert r.exit_code == 1 and "missing.pt" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "bad" / "checkpoints").exists()
