@@ -418,7 +418,8 @@ class Teacher:
 
 
 def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
-    """The --teacher checkpoint, checked to share the student's features, vocabulary and frame rate."""
+    """The --teacher checkpoint, checked to share the student's features and vocabulary (every
+    CTCModel has the same 4x subsampling, so their output frames line up)."""
     ckpt = read_checkpoint(cfg.teacher)
     wrong = []
     if ckpt["feature_config"] != fcfg.to_dict():
