@@ -350,6 +350,8 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
     from asr.train import TrainConfig, TrainingInterrupted
     from asr.train import train as run_training
 
+    if not teacher and (distill_weight != 1.0 or distill_delay):
+        _fail("--distill-weight and --distill-delay need --teacher (the model to distil from)")
     _threads(threads)
     cfg = TrainConfig(train=tuple(train_paths), dev=tuple(dev_paths), out=out, arch=arch, cell=cell,
                       hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,

@@ -340,3 +340,5 @@ def test_teacher_pulls_a_new_student_towards_its_posteriors(overfit_corpus, over
                                  str(overfit_corpus / "missing.pt")])
     assert r.exit_code == 1 and "missing.pt" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "bad" / "checkpoints").exists()
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--distill-delay", "3"])
+    assert r.exit_code == 1 and "need --teacher" in r.output and not (tmp_path / "bad").exists()
