@@ -312,8 +312,8 @@ def _augment_kinds(ctx, param, value: str) -> str:
               help="Distil from this model: add the frame-wise KL divergence from its CTC posteriors "
                    "(e.g. the offline BiGRU's) to the student's CTC loss.")
 @click.option("--distill-weight", type=click.FloatRange(min=0, min_open=True), default=1.0,
-              show_default=True, help="Weight of the distillation loss (with --teacher; the logged loss "
-                                          "includes it).")
+              show_default=True,
+              help="Weight of the distillation loss (with --teacher; the logged loss includes it).")
 @click.option("--distill-delay", type=click.IntRange(min=0), default=0, show_default=True,
               help="Output frames (40 ms) the student lags the teacher: a streaming student emits "
                    "later than a bidirectional teacher (with --teacher).")

@@ -364,6 +364,16 @@ def _resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
                    skip_bad=cfg.skip_bad or base.skip_bad)
 
 
+def _front_end_mismatches(ckpt: dict, fcfg: FeatureConfig, vocab: Vocab) -> list[str]:
+    """What of a checkpoint's features and vocabulary differs from this run's (empty: it fits)."""
+    wrong = []
+    if ckpt["feature_config"] != fcfg.to_dict():
+        wrong.append("its feature settings")
+    if ckpt["vocab"] != vocab.to_dict():
+        wrong.append("its vocabulary")
+    return wrong
+
+
 def _init_checkpoint(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab) -> dict:
     """The checkpoint --init-from names, checked to fit the configured model (dropout may differ)."""
     ckpt = read_checkpoint(cfg.init_from)
@@ -371,10 +381,7 @@ def _init_checkpoint(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab) -> dic
             "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers}
     got = ckpt["model_config"]
     wrong = [f"{k} {got.get(k)!r} (not {v!r})" for k, v in want.items() if got.get(k) != v]
-    if ckpt["feature_config"] != fcfg.to_dict():
-        wrong.append("its feature settings")
-    if ckpt["vocab"] != vocab.to_dict():
-        wrong.append("its vocabulary")
+    wrong += _front_end_mismatches(ckpt, fcfg, vocab)
     if wrong:
         raise CheckpointError(f"--init-from {cfg.init_from}: does not fit this model: it has "
                               + ", ".join(wrong) + " (pass the same --arch/--cell/sizes)")
@@ -403,7 +410,8 @@ class Teacher:
     def loss(self, feats: Tensor, lengths: Tensor, log_probs: Tensor, out_lengths: Tensor) -> Tensor:
         """Sum over utterances and frames of KL(teacher[t - delay] || student[t]), divided by B."""
         with torch.no_grad():
-            inside = torch.arange(feats.shape[1], device=feats.device)[None, :] < lengths.to(feats.device)[:, None]
+            frame = torch.arange(feats.shape[1], device=feats.device)
+            inside = frame[None, :] < lengths.to(feats.device)[:, None]  # zero beyond each length
             teacher_lp, _ = self.model((feats * self.scale + self.shift) * inside[..., None], lengths)
         d = self.delay
         n = log_probs.shape[1] - d
@@ -421,11 +429,7 @@ def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: Fea
     """The --teacher checkpoint, checked to share the student's features and vocabulary (every
     CTCModel has the same 4x subsampling, so their output frames line up)."""
     ckpt = read_checkpoint(cfg.teacher)
-    wrong = []
-    if ckpt["feature_config"] != fcfg.to_dict():
-        wrong.append("its feature settings")
-    if ckpt["vocab"] != vocab.to_dict():
-        wrong.append("its vocabulary")
+    wrong = _front_end_mismatches(ckpt, fcfg, vocab)
     if wrong:
         raise CheckpointError(f"--teacher {cfg.teacher}: does not fit this model: it has "
                               + " and ".join(wrong) + " (the student's must be the same)")
