@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+# one layer in one direction with given weights: what the CELLS modules run inside
+_CELL_FUNCTIONS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
 KERNEL = 3  # conv kernel along time and frequency
 STRIDE = 2  # conv stride along time and frequency; two layers subsample time by 4
 
@@ -112,12 +114,36 @@ class CTCModel(nn.Module):
             mask = torch.arange(x.shape[2], device=x.device)[None, :] < cur[:, None]  # (B, T')
             x = x * mask[:, None, :, None]
         z = self._project(x)  # (B, T', H)
-        out_lengths = cur
-        packed = nn.utils.rnn.pack_padded_sequence(
-            z, out_lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
-        h, _ = self.rnn(packed)
-        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=z.shape[1])
-        return self._classify(h), out_lengths
+        return self._classify(self._recur(z, cur)), cur
+
+    def _recur(self, z: Tensor, lengths: Tensor) -> Tensor:
+        """The recurrent layers over padded (B, T', H) input, each sequence seeing only its own frames.
+
+        The same as packing the batch, without packing: on the CPU the backward pass of a packed
+        RNN zero-fills the whole batch's gradient once per time step (measured 3.7x slower for the
+        BiGRU). Outputs beyond a sequence's length are not meaningful (they are never scored).
+        """
+        if not self.cfg.bidirectional:
+            return self.rnn(z)[0]  # causal: frames past a sequence's end never reach its own
+        t = torch.arange(z.shape[1], device=z.device)[None, :]
+        ends = lengths[:, None]
+        flip = torch.where(t < ends, ends - 1 - t, t)[:, :, None]  # reverses each sequence in place
+        x = z
+        for layer in range(self.cfg.num_layers):
+            if layer:
+                x = F.dropout(x, self.cfg.dropout, self.training)
+            ahead = self._direction(x, layer, "")
+            back = self._direction(x.gather(1, flip.expand_as(x)), layer, "_reverse")
+            x = torch.cat([ahead, back.gather(1, flip.expand_as(back))], dim=2)
+        return x
+
+    def _direction(self, x: Tensor, layer: int, suffix: str) -> Tensor:
+        """One layer of self.rnn in one direction (suffix "" or "_reverse") over (B, T', D) input."""
+        weights = [getattr(self.rnn, f"{name}_l{layer}{suffix}")
+                   for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        h0 = x.new_zeros(1, x.shape[0], self.cfg.hidden_size)
+        hx = (h0, h0) if self.cfg.cell == "lstm" else h0
+        return _CELL_FUNCTIONS[self.cfg.cell](x, hx, weights, True, 1, 0.0, self.training, False, True)[0]
 
     def init_state(self, batch_size: int = 1, device: torch.device | str | None = None) -> StreamState:
         """The state before any audio: zero hidden state and the convolutions' left padding."""
