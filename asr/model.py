@@ -119,10 +119,14 @@ class CTCModel(nn.Module):
     def _recur(self, z: Tensor, lengths: Tensor) -> Tensor:
         """The recurrent layers over padded (B, T', H) input, each sequence seeing only its own frames.
 
-        The same as packing the batch, without packing: on the CPU the backward pass of a packed
-        RNN zero-fills the whole batch's gradient once per time step (measured 3.7x slower for the
-        BiGRU). Outputs beyond a sequence's length are not meaningful (they are never scored).
+        On the CPU the batch runs padded, with each sequence reversed within its own length for the
+        backward direction: a packed RNN's backward pass there zero-fills the whole batch's gradient
+        once per time step, which made a training step on 12 s utterances 3.4-3.8x slower. On CUDA,
+        cuDNN runs packed batches natively. Both give the same outputs and gradients; outputs beyond
+        a sequence's length are not meaningful (they are never scored).
         """
+        if z.is_cuda:
+            return self._recur_packed(z, lengths)
         if not self.cfg.bidirectional:
             return self.rnn(z)[0]  # causal: frames past a sequence's end never reach its own
         t = torch.arange(z.shape[1], device=z.device)[None, :]
@@ -136,6 +140,12 @@ class CTCModel(nn.Module):
             back = self._direction(x.gather(1, flip.expand_as(x)), layer, "_reverse")
             x = torch.cat([ahead, back.gather(1, flip.expand_as(back))], dim=2)
         return x
+
+    def _recur_packed(self, z: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(
+            z, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = self.rnn(packed)
+        return nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=z.shape[1])[0]
 
     def _direction(self, x: Tensor, layer: int, suffix: str) -> Tensor:
         """One layer of self.rnn in one direction (suffix "" or "_reverse") over (B, T', D) input."""

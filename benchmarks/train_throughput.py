@@ -2,13 +2,17 @@
 
 For each default model size (the shipped models' recipes) and each CPU thread count (and the GPU
 when there is one), a fresh child process loads real batches from a LibriSpeech-layout corpus,
-with the training augmentation, then times full optimizer steps (`asr.train.train_step`: forward,
-CTC loss, backward, clipping, AdamW). Batches are prepared before the clock starts: in training
+with the training augmentation (batches spread from the shortest utterances to the longest), then
+times full optimizer steps (`asr.train.train_step`: forward, CTC loss, backward, clipping, AdamW). Batches are prepared before the clock starts: in training
 DataLoader workers prepare them in parallel with the step, so the step is what bounds the speed;
 the data column gives the preparation rate of one worker for comparison.
 
     python benchmarks/train_throughput.py ../shared/data/librispeech-dev
     python benchmarks/train_throughput.py CORPUS --threads 1,2,4 --steps 5 --batch-seconds 240
+    python benchmarks/train_throughput.py CORPUS --threads 1 --recurrence padded,packed
+
+`--recurrence packed` runs the recurrent layers on a packed batch on the CPU too (the CUDA path),
+to compare it with the CPU's default padded recurrence.
 
 Prints a Markdown table.
 """
@@ -49,7 +53,11 @@ def measure(spec: dict) -> dict:
     ds = SpeechDataset(utts, vocab, fcfg, stats, AugmentConfig())
     sampler = DurationBatchSampler([u.duration for u in utts], spec["batch_seconds"], seed=0)
     plan = sampler.epoch_batches(0)
-    plan = sorted(plan, key=len, reverse=True)[: spec["steps"] + 1]  # full batches, not the leftovers
+    # batches spread evenly from the shortest utterances to the longest (the step cost grows with
+    # the utterance length, not only with the audio per batch)
+    plan = sorted(plan, key=lambda b: max(utts[i].duration for i, _ in b))
+    n = spec["steps"] + 1
+    plan = [plan[round(k * (len(plan) - 1) / max(1, n - 1))] for k in range(n)]
     t0 = time.perf_counter()
     batches = [collate([ds[item] for item in b]) for b in plan]
     data_s = time.perf_counter() - t0
@@ -58,6 +66,8 @@ def measure(spec: dict) -> dict:
     arch, hidden, layers = MODELS[spec["model"]]
     model = CTCModel(ModelConfig(n_mels=fcfg.n_mels, vocab_size=len(vocab), bidirectional=arch == "bigru",
                                  hidden_size=hidden, num_layers=layers)).to(device).train()
+    if spec["recurrence"] == "packed":
+        model._recur = model._recur_packed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     train_step(model, opt, scaler, batches[0], device, 5.0)  # warm-up (allocations, kernels)
@@ -87,6 +97,7 @@ def main() -> None:
     ap.add_argument("--batch-seconds", type=float, default=240.0,
                     help="padded audio per batch (the training default)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma separated: " + ", ".join(MODELS))
+    ap.add_argument("--recurrence", default="padded", help="comma separated: padded (the CPU's), packed")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU even when there is one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -103,23 +114,24 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.no_gpu else "none"
     print(f"corpus {args.corpus}; batches of {args.batch_seconds:g} s padded audio with augmentation; "
           f"{args.steps} timed steps after 1 warm-up; {cpu} CPU cores; GPU: {gpu}; torch {torch.__version__}\n")
-    print("| model | params | device | threads | audio/batch | ms/step | audio s per s | "
+    print("| model, recurrence | params | device | threads | audio/batch | ms/step | audio s per s | "
           "peak memory | data prep (1 worker) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for name in args.models.split(","):
+    for name, recurrence in [(n, r) for n in args.models.split(",") for r in args.recurrence.split(",")]:
         for device, threads in runs:
             spec = {"model": name, "device": device, "threads": threads, "corpus": args.corpus,
+                    "recurrence": recurrence,
                     "steps": args.steps, "batch_seconds": args.batch_seconds}
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             proc = subprocess.run([sys.executable, __file__, args.corpus, "--child", json.dumps(spec)],
                                   capture_output=True, text=True, env=env)
             if proc.returncode != 0:
-                print(f"| {name} | | {device} | {threads} | failed: "
+                print(f"| {name}, {recurrence} | | {device} | {threads} | failed: "
                       f"{(proc.stderr.strip().splitlines() or ['?'])[-1]} | | | | |")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             mem = "GPU " if device == "cuda" else "RSS "
-            print(f"| {name} | {r['params_m']:.2f} M | {device} | {threads if device == 'cpu' else '-'} "
+            print(f"| {name}, {recurrence} | {r['params_m']:.2f} M | {device} | {threads if device == 'cpu' else '-'} "
                   f"| {r['batch_audio_s']:.0f} s | {r['ms_per_step']:.0f} | {r['audio_per_s']:.1f} "
                   f"| {mem}{r['peak_mb']:.0f} MB | {r['data_audio_per_s']:.0f} s/s |", flush=True)
 

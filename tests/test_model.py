@@ -114,6 +114,28 @@ def test_padded_batch_equals_each_utterance_alone(feats, bidirectional, cell):
             torch.testing.assert_close(lp[i, : n_out[i]], alone[0, : n1[0]], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_padded_recurrence_equals_the_packed_one(bidirectional, cell):
+    """The CPU's padded recurrence (reversing each sequence for the backward direction) computes
+    what packing the batch for the module computes (the CUDA path), outputs and gradients."""
+    torch.manual_seed(1)
+    model = CTCModel(ModelConfig(bidirectional=bidirectional, cell=cell, hidden_size=16, num_layers=3,
+                                 dropout=0.0)).train()
+    z = torch.randn(4, 23, 16, requires_grad=True)
+    lengths = torch.tensor([23, 11, 1, 0])
+    valid = (torch.arange(23)[None, :] < lengths[:, None])[..., None]
+    weights = torch.randn(1, 23, 2 * 16 if bidirectional else 16)
+    outs, grads = [], []
+    for recur in (model._recur, model._recur_packed):
+        h = recur(z, lengths) * valid
+        outs.append(h)
+        grads.append(torch.autograd.grad((h * weights).sum(), [z, *model.rnn.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_batch_gradients_are_the_sum_of_each_utterance_alone(feats, bidirectional):
     """Training on a padded batch learns exactly what the utterances would teach one by one:
