@@ -121,7 +121,8 @@ class CTCModel(nn.Module):
 
         On the CPU the batch runs padded, with each sequence reversed within its own length for the
         backward direction: a packed RNN's backward pass there zero-fills the whole batch's gradient
-        once per time step, which made a training step on 12 s utterances 3.4-3.8x slower. On CUDA,
+        once per time step, which made training steps about 3x slower (benchmarks/train_throughput.py
+        --recurrence padded,packed). On CUDA,
         cuDNN runs packed batches natively. Both give the same outputs and gradients; outputs beyond
         a sequence's length are not meaningful (they are never scored).
         """
