@@ -121,10 +121,10 @@ class CTCModel(nn.Module):
 
         On the CPU the batch runs padded, with each sequence reversed within its own length for the
         backward direction: a packed RNN's backward pass there zero-fills the whole batch's gradient
-        once per time step, which made training steps about 3x slower (benchmarks/train_throughput.py
-        --recurrence padded,packed). On CUDA,
-        cuDNN runs packed batches natively. Both give the same outputs and gradients; outputs beyond
-        a sequence's length are not meaningful (they are never scored).
+        once per time step, which made training steps about 3x slower (measured with
+        benchmarks/train_throughput.py --recurrence padded,packed). On CUDA, cuDNN runs packed
+        batches natively. Both give the same outputs and gradients (tests/test_model.py); outputs
+        beyond a sequence's length are not meaningful (they are never scored).
         """
         if z.is_cuda:
             return self._recur_packed(z, lengths)
@@ -143,6 +143,7 @@ class CTCModel(nn.Module):
         return x
 
     def _recur_packed(self, z: Tensor, lengths: Tensor) -> Tensor:
+        """The same as _recur, by packing the batch for self.rnn (the CUDA path)."""
         packed = nn.utils.rnn.pack_padded_sequence(
             z, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
         h, _ = self.rnn(packed)
