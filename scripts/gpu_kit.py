@@ -169,7 +169,11 @@ def unpack(kit: Path, dest: Path, workers: int) -> None:
 
 def plan(metrics: Path, seconds: float, skip: int) -> int:
     """Steps that fit in `seconds`, from the wall time between a probe run's logged steps."""
-    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "train"]
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"error: {metrics}: {e.strerror or e}") from None
+    rows = [r for r in map(json.loads, lines) if r.get("event") == "train"]
     rows = rows[skip:]
     if len(rows) < 2:
         raise SystemExit(f"error: {metrics}: fewer than 2 timed log lines after the first {skip}")

@@ -87,3 +87,5 @@ def test_plan_fits_the_steps_into_the_time_left(tmp_path):
     assert gpu_kit.plan(m, seconds=100, skip=1) == 200  # 0.5 s per step once started
     with pytest.raises(SystemExit):
         gpu_kit.plan(m, seconds=100, skip=2)
+    with pytest.raises(SystemExit, match="missing.jsonl"):  # a probe that never started: one line
+        gpu_kit.plan(tmp_path / "missing.jsonl", seconds=100, skip=1)
