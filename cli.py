@@ -295,6 +295,9 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--num-layers", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--conv-channels", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.15, show_default=True)
+@click.option("--subsampling", type=click.Choice(["2", "4"]), default="4", show_default=True,
+              help="Input frames (10 ms) per output frame: 4 (40 ms) or 2 (20 ms: twice the recurrent "
+                   "work; characters then have room). --init-from may change it.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=0), default=0, help="Stop after N steps (overrides --epochs).")
 @click.option("--batch-seconds", type=click.FloatRange(min=1), default=240.0, show_default=True)
@@ -315,7 +318,7 @@ def _augment_kinds(ctx, param, value: str) -> str:
               show_default=True,
               help="Weight of the distillation loss (with --teacher; the logged loss includes it).")
 @click.option("--distill-delay", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Output frames (40 ms) the student lags the teacher: a streaming student emits "
+              help="Output frames (40 or 20 ms) the student lags the teacher: a streaming student emits "
                    "later than a bidirectional teacher (with --teacher).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads per process.")
@@ -328,7 +331,7 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--debug-ranks", is_flag=True, hidden=True)
-def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout,
+def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout, subsampling,
           epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
           teacher, distill_weight, distill_delay, device, threads,
           num_workers, eval_every, save_every, keep_last, log_every, skip_bad, resume, debug_ranks):
@@ -355,6 +358,7 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
     _threads(threads)
     cfg = TrainConfig(train=tuple(train_paths), dev=tuple(dev_paths), out=out, arch=arch, cell=cell,
                       hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,
+                      subsampling=int(subsampling),
                       dropout=dropout, epochs=epochs, max_steps=max_steps,
                       batch_seconds=batch_seconds, lr=lr, warmup_steps=warmup_steps, seed=seed,
                       augment=not no_augment, augment_kinds=augment_kinds, init_from=init_from or "",

@@ -132,7 +132,7 @@ def emissions_to_words(emissions: list[Emission], vocab: Vocab, frame_seconds: f
 
     A space token or a pause of WORD_BREAK_S without emissions ends a word (so an utterance
     closed by a streaming endpoint never shares a word with the next one). The last output frame
-    may reach past the audio (frames are 40 ms); `max_end_s`, the end of the audio, clamps the times.
+    may reach past the audio (frames are 20 or 40 ms); `max_end_s`, the end of the audio, clamps the times.
     """
     chars = [vocab.tokens[e.token] for e in emissions]
     limit = float("inf") if max_end_s is None else max_end_s

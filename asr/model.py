@@ -1,6 +1,7 @@
 """CTC acoustic model: convolutional subsampler + stacked recurrent layers, one module for both directions.
 
-Shapes: B batch, T input frames (10 ms), T' = ceil(T / 4) output frames (40 ms), F mel bins,
+Shapes: B batch, T input frames (10 ms), T' = ceil(T / S) output frames (S = subsampling 4: 40 ms, or
+2: 20 ms; both convolutions halve frequency, the second halves time only when S is 4), F mel bins,
 V vocabulary size, L recurrent layers, H hidden units per direction, C conv channels.
 
 The unidirectional model is causal end to end: its convolutions pad on the left only, and `step()`
@@ -20,7 +21,8 @@ CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 # one layer in one direction with given weights: what the CELLS modules run inside
 _CELL_FUNCTIONS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
 KERNEL = 3  # conv kernel along time and frequency
-STRIDE = 2  # conv stride along time and frequency; two layers subsample time by 4
+STRIDE = 2  # conv stride along frequency (both layers) and time (first layer; second when subsampling 4)
+SUBSAMPLINGS = (2, 4)  # output frame = 20 or 40 ms
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,15 @@ class ModelConfig:
     hidden_size: int = 256  # recurrent units H per direction
     num_layers: int = 3  # stacked recurrent layers L
     dropout: float = 0.15  # between recurrent layers and before the classifier
+    subsampling: int = 4  # input frames per output frame: 4 (40 ms) or 2 (20 ms); same weight shapes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
-    def subsampling(self) -> int:
-        return STRIDE * STRIDE
+    def time_strides(self) -> tuple[int, int]:
+        """Time stride of each convolution."""
+        return STRIDE, self.subsampling // STRIDE
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,11 @@ class StreamState:
     context: tuple[Tensor, ...]  # per conv layer: (B, C_in, KERNEL - 1 .. , F_in) input frames not yet consumed
 
 
-def output_lengths(lengths: Tensor) -> Tensor:
-    """Input frame counts -> output frame counts: two stride-2 convolutions, ceil each time."""
+def output_lengths(lengths: Tensor, subsampling: int = 4) -> Tensor:
+    """Input frame counts -> output frame counts: each convolution's time stride, ceil each time."""
     out = lengths
-    for _ in range(2):
-        out = torch.div(out + STRIDE - 1, STRIDE, rounding_mode="floor")
+    for stride in ModelConfig(subsampling=subsampling).time_strides:
+        out = output_lengths_one(out, stride)
     return out
 
 
@@ -63,11 +67,14 @@ class CTCModel(nn.Module):
         super().__init__()
         if cfg.cell not in CELLS:
             raise ValueError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+        if cfg.subsampling not in SUBSAMPLINGS:
+            raise ValueError(f"subsampling {cfg.subsampling} is not one of {SUBSAMPLINGS}")
         self.cfg = cfg
         c = cfg.conv_channels
+        t1, t2 = cfg.time_strides
         # time is padded by hand (causal or centred); frequency by the layer itself
-        self.conv1 = nn.Conv2d(1, c, KERNEL, stride=STRIDE, padding=(0, 1))
-        self.conv2 = nn.Conv2d(c, c, KERNEL, stride=STRIDE, padding=(0, 1))
+        self.conv1 = nn.Conv2d(1, c, KERNEL, stride=(t1, STRIDE), padding=(0, 1))
+        self.conv2 = nn.Conv2d(c, c, KERNEL, stride=(t2, STRIDE), padding=(0, 1))
         f_out = cfg.n_mels
         for _ in range(2):
             f_out = (f_out + 2 - KERNEL) // STRIDE + 1
@@ -110,7 +117,7 @@ class CTCModel(nn.Module):
         cur = lengths
         for conv in (self.conv1, self.conv2):
             x = F.gelu(conv(F.pad(x, (0, 0, *self.time_padding))))
-            cur = output_lengths_one(cur)
+            cur = output_lengths_one(cur, conv.stride[0])
             mask = torch.arange(x.shape[2], device=x.device)[None, :] < cur[:, None]  # (B, T')
             x = x * mask[:, None, :, None]
         z = self._project(x)  # (B, T', H)
@@ -186,12 +193,13 @@ class CTCModel(nn.Module):
         new_ctx = []
         for conv, ctx in zip((self.conv1, self.conv2), state.context, strict=True):
             buf = torch.cat([ctx, x], dim=2)  # (B, C_in, K + T_new, F_in)
-            n_out = max(0, (buf.shape[2] - KERNEL) // STRIDE + 1)
-            new_ctx.append(buf[:, :, STRIDE * n_out:])
+            stride = conv.stride[0]
+            n_out = max(0, (buf.shape[2] - KERNEL) // stride + 1)
+            new_ctx.append(buf[:, :, stride * n_out:])
             if n_out == 0:
                 x = buf.new_zeros(buf.shape[0], conv.out_channels, 0, _conv_f(buf.shape[3]))
             else:
-                x = F.gelu(conv(buf[:, :, : STRIDE * (n_out - 1) + KERNEL]))
+                x = F.gelu(conv(buf[:, :, : stride * (n_out - 1) + KERNEL]))
         if x.shape[2] == 0:
             empty = x.new_zeros(x.shape[0], 0, self.cfg.vocab_size)
             return empty, StreamState(hidden=state.hidden, context=tuple(new_ctx))
@@ -204,9 +212,9 @@ class CTCModel(nn.Module):
         return self._classify(h), StreamState(hidden=hidden, context=tuple(new_ctx))
 
 
-def output_lengths_one(lengths: Tensor) -> Tensor:
-    """Frame counts after one stride-2 convolution (ceil)."""
-    return torch.div(lengths + STRIDE - 1, STRIDE, rounding_mode="floor")
+def output_lengths_one(lengths: Tensor, stride: int = STRIDE) -> Tensor:
+    """Frame counts after one convolution of this time stride (ceil)."""
+    return torch.div(lengths + stride - 1, stride, rounding_mode="floor")
 
 
 def _conv_f(f_in: int) -> int:

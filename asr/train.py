@@ -68,6 +68,7 @@ class TrainConfig:
     hidden_size: int = 256  # units per direction
     num_layers: int = 3  # recurrent layers
     conv_channels: int = 32  # subsampler channels
+    subsampling: int = 4  # input frames per output frame: 4 (40 ms) or 2 (20 ms)
     dropout: float = 0.15  # recurrent/classifier dropout
     epochs: int = 10  # passes over the (weighted) training data, unless max_steps is set
     max_steps: int = 0  # stop after this many optimizer steps (0: use epochs)
@@ -375,7 +376,8 @@ def _front_end_mismatches(ckpt: dict, fcfg: FeatureConfig, vocab: Vocab) -> list
 
 
 def _init_checkpoint(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab) -> dict:
-    """The checkpoint --init-from names, checked to fit the configured model (dropout may differ)."""
+    """The checkpoint --init-from names, checked to fit the configured model (dropout and subsampling
+    may differ: the weights have the same shapes either way)."""
     ckpt = read_checkpoint(cfg.init_from)
     want = {"bidirectional": cfg.arch == "bigru", "cell": cfg.cell, "conv_channels": cfg.conv_channels,
             "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers}
@@ -427,9 +429,12 @@ class Teacher:
 
 def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
     """The --teacher checkpoint, checked to share the student's features and vocabulary (every
-    CTCModel has the same 4x subsampling, so their output frames line up)."""
+    subsampling, so their output frames line up)."""
     ckpt = read_checkpoint(cfg.teacher)
     wrong = _front_end_mismatches(ckpt, fcfg, vocab)
+    teacher_sub = ckpt["model_config"].get("subsampling", 4)
+    if teacher_sub != cfg.subsampling:
+        wrong.append(f"subsampling {teacher_sub} (not {cfg.subsampling})")
     if wrong:
         raise CheckpointError(f"--teacher {cfg.teacher}: does not fit this model: it has "
                               + " and ".join(wrong) + " (the student's must be the same)")
@@ -526,7 +531,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
         stats = feature_stats(probe, cfg.stats_utterances, cfg.seed)
     mcfg = ModelConfig(n_mels=fcfg.n_mels, vocab_size=len(vocab), bidirectional=cfg.arch == "bigru",
                        cell=cfg.cell, conv_channels=cfg.conv_channels, hidden_size=cfg.hidden_size,
-                       num_layers=cfg.num_layers, dropout=cfg.dropout)
+                       num_layers=cfg.num_layers, dropout=cfg.dropout, subsampling=cfg.subsampling)
     model = CTCModel(mcfg).to(device)
     if world > 1:
         # same initial weights everywhere (DDP also broadcasts rank 0's), own dropout masks per rank

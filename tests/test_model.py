@@ -21,10 +21,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def small(bidirectional: bool, cell: str = "gru", seed: int = 0) -> CTCModel:
+def small(bidirectional: bool, cell: str = "gru", seed: int = 0, subsampling: int = 4) -> CTCModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(bidirectional=bidirectional, cell=cell, hidden_size=32, num_layers=2,
-                      conv_channels=8, dropout=0.1)
+                      conv_channels=8, dropout=0.1, subsampling=subsampling)
     return CTCModel(cfg).eval()
 
 
@@ -47,9 +47,9 @@ def chained(model: CTCModel, x: torch.Tensor, cuts: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
-def test_step_chained_over_any_split_equals_forward(feats, cell):
-    model = small(bidirectional=False, cell=cell)
+@pytest.mark.parametrize("cell,subsampling", [("gru", 4), ("lstm", 4), ("rnn", 4), ("gru", 2)])
+def test_step_chained_over_any_split_equals_forward(feats, cell, subsampling):
+    model = small(bidirectional=False, cell=cell, subsampling=subsampling)
     with torch.no_grad():
         full, n_out = model(feats[None], torch.tensor([feats.shape[0]]))
     full = full[0, : n_out[0]]
@@ -98,10 +98,10 @@ def test_step_needs_eval_mode(feats):
         model.step(feats[None, :10], model.init_state())
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("cell,subsampling", [("gru", 4), ("lstm", 4), ("rnn", 4), ("gru", 2)])
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_padded_batch_equals_each_utterance_alone(feats, bidirectional, cell):
-    model = small(bidirectional, cell)
+def test_padded_batch_equals_each_utterance_alone(feats, bidirectional, cell, subsampling):
+    model = small(bidirectional, cell, subsampling=subsampling)
     lengths = [feats.shape[0], 57, 30, 9]
     batch = torch.zeros(len(lengths), max(lengths), feats.shape[1])
     for i, n in enumerate(lengths):
@@ -159,14 +159,17 @@ def test_batch_gradients_are_the_sum_of_each_utterance_alone(feats, bidirectiona
         torch.testing.assert_close(g, sum(gs), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("subsampling", [4, 2])
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_output_shapes_and_log_probabilities(feats, bidirectional):
-    model = small(bidirectional)
+def test_output_shapes_and_log_probabilities(feats, bidirectional, subsampling):
+    model = small(bidirectional, subsampling=subsampling)
     with torch.no_grad():
         lp, n_out = model(feats[None], torch.tensor([feats.shape[0]]))
+    n = -(-feats.shape[0] // subsampling)
     assert lp.dtype == torch.float32
-    assert lp.shape == (1, -(-feats.shape[0] // 4), model.cfg.vocab_size)
-    assert n_out.tolist() == [-(-feats.shape[0] // 4)]
+    assert lp.shape == (1, n, model.cfg.vocab_size)
+    assert n_out.tolist() == [n]
+    assert output_lengths(torch.tensor([feats.shape[0]]), subsampling).tolist() == [n]
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:2]))
 
 
@@ -175,16 +178,26 @@ def test_output_lengths_are_ceil_of_a_quarter(n, expected):
     assert output_lengths(torch.tensor([n])).tolist() == [expected]
 
 
-def test_causal_model_ignores_the_future(feats):
-    """Output frame j of the streaming model depends on input frames up to 4j + 3 only."""
-    model = small(bidirectional=False)
+@pytest.mark.parametrize("subsampling", [4, 2])
+def test_causal_model_ignores_the_future(feats, subsampling):
+    """Output frame j of the streaming model depends on input frames up to S*j + S - 1 only."""
+    model = small(bidirectional=False, subsampling=subsampling)
     changed = feats.clone()
     changed[40:] = torch.randn_like(changed[40:])
+    first_changed = 40 // subsampling
     with torch.no_grad():
         a, _ = model(feats[None], torch.tensor([feats.shape[0]]))
         b, _ = model(changed[None], torch.tensor([feats.shape[0]]))
-    torch.testing.assert_close(a[0, :10], b[0, :10])
-    assert not torch.allclose(a[0, 10:], b[0, 10:])
+    torch.testing.assert_close(a[0, :first_changed], b[0, :first_changed])
+    assert not torch.allclose(a[0, first_changed:], b[0, first_changed:])
+
+
+def test_subsampling_changes_no_weight_shape():
+    """--init-from may move a model between 40 and 20 ms output frames: the same state dict loads."""
+    four, two = small(False, subsampling=4), small(False, subsampling=2)
+    two.load_state_dict(four.state_dict())
+    with pytest.raises(ValueError, match="subsampling 3"):
+        CTCModel(ModelConfig(subsampling=3))
 
 
 def test_unknown_cell_is_refused():

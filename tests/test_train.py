@@ -268,6 +268,38 @@ def test_init_from_starts_a_new_recipe_from_a_trained_model(overfit_corpus, over
     assert r.exit_code == 2 and "'echo'" in r.output
 
 
+def test_init_from_can_halve_the_output_frame(overfit_corpus, overfit_models, tmp_path):
+    """--init-from a 40 ms model with --subsampling 2: the same weights, now run at 20 ms frames
+    (twice the output frames); the checkpoint records it, and transcription uses 20 ms times."""
+    from asr.audio import load_audio
+    from asr.checkpoint import load_model
+    from asr.features import log_mel
+    from asr.transcribe import transcribe_file
+
+    src = read_checkpoint(overfit_models["bigru"])
+    assert src["model_config"].get("subsampling", 4) == 4  # checkpoints from before the option: 4
+    r = CliRunner().invoke(cli, [
+        "train", "--train", str(overfit_corpus), "--hidden-size", "128", "--num-layers", "2",
+        "--conv-channels", "16", "--max-steps", "1", "--lr", "1e-9", "--warmup-steps", "1",
+        "--num-workers", "0", "--batch-seconds", "40", "--subsampling", "2", "--out", str(tmp_path / "ft"),
+        "--init-from", str(overfit_models["bigru"])])
+    assert r.exit_code == 0, r.output
+    path = Path(r.output.split("model: ")[-1].strip())
+    tuned = read_checkpoint(path)
+    assert tuned["model_config"] == {**src["model_config"], "subsampling": 2, "dropout": 0.15}
+    for k, v in src["state_dict"].items():
+        torch.testing.assert_close(tuned["state_dict"][k].float(), v.float(), atol=1e-5, rtol=0)
+    loaded = load_model(path)
+    assert loaded.frame_seconds == pytest.approx(0.02)
+    utt = scan_corpus(overfit_corpus, Vocab())[0][0]
+    feats = log_mel(load_audio(utt.path), loaded.feature_config)
+    with torch.no_grad():
+        _, n_out = loaded.model(feats[None], torch.tensor([feats.shape[0]]))
+    assert n_out.item() == -(-feats.shape[0] // 2)
+    words = transcribe_file(loaded, utt.path).words
+    assert words and words[-1].end <= utt.duration + 0.02
+
+
 # ----------------------------------------------------------------------------- distillation
 
 
@@ -339,6 +371,10 @@ def test_teacher_pulls_a_new_student_towards_its_posteriors(overfit_corpus, over
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--teacher",
                                  str(overfit_corpus / "missing.pt")])
     assert r.exit_code == 1 and "missing.pt" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--teacher", str(teacher_path),
+                                 "--subsampling", "2"])  # its frames would not line up with the student's
+    assert r.exit_code == 1 and "subsampling 4 (not 2)" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "bad" / "checkpoints").exists()
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--distill-delay", "3"])
     assert r.exit_code == 1 and "need --teacher" in r.output and not (tmp_path / "bad").exists()
