@@ -10,9 +10,11 @@ the data column gives the preparation rate of one worker for comparison.
     python benchmarks/train_throughput.py ../shared/data/librispeech-dev
     python benchmarks/train_throughput.py CORPUS --threads 1,2,4 --steps 5 --batch-seconds 240
     python benchmarks/train_throughput.py CORPUS --threads 1 --recurrence padded,packed
+    python benchmarks/train_throughput.py CORPUS --threads 2 --subsampling 4,2
 
 `--recurrence packed` runs the recurrent layers on a packed batch on the CPU too (the CUDA path),
-to compare it with the CPU's default padded recurrence.
+to compare it with the CPU's default padded recurrence. `--subsampling 2` times the 20 ms output
+frame models (`asr train --subsampling 2`).
 
 Prints a Markdown table.
 """
@@ -65,7 +67,8 @@ def measure(spec: dict) -> dict:
 
     arch, hidden, layers = MODELS[spec["model"]]
     model = CTCModel(ModelConfig(n_mels=fcfg.n_mels, vocab_size=len(vocab), bidirectional=arch == "bigru",
-                                 hidden_size=hidden, num_layers=layers)).to(device).train()
+                                 hidden_size=hidden, num_layers=layers,
+                                 subsampling=spec["subsampling"])).to(device).train()
     if spec["recurrence"] == "packed":
         model._recur = model._recur_packed
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -98,6 +101,7 @@ def main() -> None:
                     help="padded audio per batch (the training default)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma separated: " + ", ".join(MODELS))
     ap.add_argument("--recurrence", default="padded", help="comma separated: padded (the CPU's), packed")
+    ap.add_argument("--subsampling", default="4", help="comma separated: 4 (40 ms output frames), 2 (20 ms)")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU even when there is one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -117,21 +121,24 @@ def main() -> None:
     print("| model, recurrence | params | device | threads | audio/batch | ms/step | audio s per s | "
           "peak memory | data prep (1 worker) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for name, recurrence in [(n, r) for n in args.models.split(",") for r in args.recurrence.split(",")]:
+    configs = [(n, r, int(s)) for n in args.models.split(",") for r in args.recurrence.split(",")
+               for s in args.subsampling.split(",")]
+    for name, recurrence, sub in configs:
+        label = f"{name}, {recurrence}" + (f", {10 * sub} ms" if args.subsampling != "4" else "")
         for device, threads in runs:
             spec = {"model": name, "device": device, "threads": threads, "corpus": args.corpus,
-                    "recurrence": recurrence,
+                    "recurrence": recurrence, "subsampling": sub,
                     "steps": args.steps, "batch_seconds": args.batch_seconds}
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             proc = subprocess.run([sys.executable, __file__, args.corpus, "--child", json.dumps(spec)],
                                   capture_output=True, text=True, env=env)
             if proc.returncode != 0:
-                print(f"| {name}, {recurrence} | | {device} | {threads} | failed: "
+                print(f"| {label} | | {device} | {threads} | failed: "
                       f"{(proc.stderr.strip().splitlines() or ['?'])[-1]} | | | | |")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             mem = "GPU " if device == "cuda" else "RSS "
-            print(f"| {name}, {recurrence} | {r['params_m']:.2f} M | {device} | {threads if device == 'cpu' else '-'} "
+            print(f"| {label} | {r['params_m']:.2f} M | {device} | {threads if device == 'cpu' else '-'} "
                   f"| {r['batch_audio_s']:.0f} s | {r['ms_per_step']:.0f} | {r['audio_per_s']:.1f} "
                   f"| {mem}{r['peak_mb']:.0f} MB | {r['data_audio_per_s']:.0f} s/s |", flush=True)
 
