@@ -295,9 +295,9 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--num-layers", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--conv-channels", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.15, show_default=True)
-@click.option("--subsampling", type=click.Choice(["2", "4"]), default="4", show_default=True,
+@click.option("--subsampling", type=click.Choice(["2", "4"]),
               help="Input frames (10 ms) per output frame: 4 (40 ms) or 2 (20 ms: twice the recurrent "
-                   "work; characters then have room). --init-from may change it.")
+                   "work; characters then have room). Default: the --init-from model's, else 4.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=0), default=0, help="Stop after N steps (overrides --epochs).")
 @click.option("--batch-seconds", type=click.FloatRange(min=1), default=240.0, show_default=True)
@@ -358,7 +358,7 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
     _threads(threads)
     cfg = TrainConfig(train=tuple(train_paths), dev=tuple(dev_paths), out=out, arch=arch, cell=cell,
                       hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,
-                      subsampling=int(subsampling),
+                      subsampling=int(subsampling or 0),
                       dropout=dropout, epochs=epochs, max_steps=max_steps,
                       batch_seconds=batch_seconds, lr=lr, warmup_steps=warmup_steps, seed=seed,
                       augment=not no_augment, augment_kinds=augment_kinds, init_from=init_from or "",

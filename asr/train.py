@@ -68,7 +68,7 @@ class TrainConfig:
     hidden_size: int = 256  # units per direction
     num_layers: int = 3  # recurrent layers
     conv_channels: int = 32  # subsampler channels
-    subsampling: int = 4  # input frames per output frame: 4 (40 ms) or 2 (20 ms)
+    subsampling: int = 0  # input frames per output frame: 4 (40 ms) or 2 (20 ms); 0: init_from's, else 4
     dropout: float = 0.15  # recurrent/classifier dropout
     epochs: int = 10  # passes over the (weighted) training data, unless max_steps is set
     max_steps: int = 0  # stop after this many optimizer steps (0: use epochs)
@@ -522,6 +522,9 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     init = _init_checkpoint(cfg, fcfg, vocab) if resume_ckpt is None and cfg.init_from else None
+    if not cfg.subsampling:  # unset: keep the rate of the model the run starts from
+        source = resume_ckpt or init
+        cfg = replace(cfg, subsampling=source["model_config"].get("subsampling", 4) if source else 4)
     if resume_ckpt is not None:
         stats = FeatureStats.from_dict(resume_ckpt["feature_stats"])
     elif init is not None:

@@ -3,7 +3,8 @@
     python benchmarks/emission_delay.py --teacher models/bigru.pt --student models/gru-stream.pt \
         --data ../shared/data/librispeech-train --utterances 40
 
-Both models decode the same utterances whole. For each lag d (output frames of 40 ms), the table
+Both models decode the same utterances whole; they must have the same output frame (subsampling).
+For each lag d (output frames), the table
 gives the share of frames t where the student's best symbol at t + d equals the teacher's at t, and
 the correlation of their non-blank probabilities at that lag. A causal student lags a bidirectional
 teacher: the lag with the highest agreement is the delay at which distilling compares like with like.
@@ -22,8 +23,7 @@ from asr.features import log_mel
 from asr.text import Vocab
 
 
-def posteriors(path: str, utts) -> list[torch.Tensor]:
-    lm = load_model(path)
+def posteriors(lm, utts) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for u in utts:
@@ -45,7 +45,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     utts, _ = scan_corpus(args.data, Vocab())
     utts = sample_utterances(utts, args.utterances)
-    teacher, student = posteriors(args.teacher, utts), posteriors(args.student, utts)
+    t_model, s_model = load_model(args.teacher), load_model(args.student)
+    if t_model.frame_seconds != s_model.frame_seconds:
+        raise SystemExit(f"error: the teacher's output frames are {1000 * t_model.frame_seconds:g} ms, the "
+                         f"student's {1000 * s_model.frame_seconds:g} ms: their frames do not line up")
+    frame_ms = 1000 * t_model.frame_seconds
+    teacher, student = posteriors(t_model, utts), posteriors(s_model, utts)
     print(f"{len(utts)} utterances of {args.data}; teacher {args.teacher}, student {args.student}\n")
     print("| student lag (frames) | lag (ms) | same best symbol | non-blank correlation |")
     print("|---:|---:|---:|---:|")
@@ -61,7 +66,7 @@ def main() -> None:
             a.append(1 - t_lp[:n, 0].exp())
             b.append(1 - s_lp[d:d + n, 0].exp())
         corr = torch.corrcoef(torch.stack([torch.cat(a), torch.cat(b)]))[0, 1]
-        print(f"| {d} | {40 * d} | {100 * same / frames:.1f} % | {float(corr):.3f} |")
+        print(f"| {d} | {frame_ms * d:g} | {100 * same / frames:.1f} % | {float(corr):.3f} |")
 
 
 if __name__ == "__main__":

@@ -270,7 +270,8 @@ def test_init_from_starts_a_new_recipe_from_a_trained_model(overfit_corpus, over
 
 def test_init_from_can_halve_the_output_frame(overfit_corpus, overfit_models, tmp_path):
     """--init-from a 40 ms model with --subsampling 2: the same weights, now run at 20 ms frames
-    (twice the output frames); the checkpoint records it, and transcription uses 20 ms times."""
+    (twice the output frames); the checkpoint records it, transcription uses 20 ms times, and
+    a further run from it keeps 20 ms unless told otherwise."""
     from asr.audio import load_audio
     from asr.checkpoint import load_model
     from asr.features import log_mel
@@ -298,6 +299,14 @@ def test_init_from_can_halve_the_output_frame(overfit_corpus, overfit_models, tm
     assert n_out.item() == -(-feats.shape[0] // 2)
     words = transcribe_file(loaded, utt.path).words
     assert words and words[-1].end <= utt.duration + 0.02
+
+    # without --subsampling, a run from that model keeps its 20 ms frames (no silent change back)
+    r = CliRunner().invoke(cli, [
+        "train", "--train", str(overfit_corpus), "--hidden-size", "128", "--num-layers", "2",
+        "--conv-channels", "16", "--max-steps", "1", "--num-workers", "0", "--batch-seconds", "40",
+        "--out", str(tmp_path / "again"), "--init-from", str(path)])
+    assert r.exit_code == 0, r.output
+    assert read_checkpoint(Path(r.output.split("model: ")[-1].strip()))["model_config"]["subsampling"] == 2
 
 
 # ----------------------------------------------------------------------------- distillation
