@@ -428,8 +428,8 @@ class Teacher:
 
 
 def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
-    """The --teacher checkpoint, checked to share the student's features and vocabulary (every
-    subsampling, so their output frames line up)."""
+    """The --teacher checkpoint, checked to share the student's features, vocabulary and
+    subsampling (so their output frames line up)."""
     ckpt = read_checkpoint(cfg.teacher)
     wrong = _front_end_mismatches(ckpt, fcfg, vocab)
     teacher_sub = ckpt["model_config"].get("subsampling", 4)
