@@ -433,8 +433,9 @@ def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: Fea
     ckpt = read_checkpoint(cfg.teacher)
     wrong = _front_end_mismatches(ckpt, fcfg, vocab)
     teacher_sub = ckpt["model_config"].get("subsampling", 4)
-    if teacher_sub != cfg.subsampling:
-        wrong.append(f"subsampling {teacher_sub} (not {cfg.subsampling})")
+    student_sub = cfg.subsampling or 4  # 0 (unset, no --init-from model to follow): the default
+    if teacher_sub != student_sub:
+        wrong.append(f"subsampling {teacher_sub} (not {student_sub})")
     if wrong:
         raise CheckpointError(f"--teacher {cfg.teacher}: does not fit this model: it has "
                               + " and ".join(wrong) + " (the student's must be the same)")
