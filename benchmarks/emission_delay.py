@@ -45,9 +45,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    utts, _ = scan_corpus(args.data, Vocab())
+    try:
+        utts, _ = scan_corpus(args.data, Vocab())
+        t_model, s_model = load_model(args.teacher), load_model(args.student)
+    except (OSError, ValueError) as e:  # a missing file, a foreign checkpoint, a malformed corpus
+        raise SystemExit(f"error: {e}") from None
     utts = sample_utterances(utts, args.utterances)
-    t_model, s_model = load_model(args.teacher), load_model(args.student)
     if t_model.frame_seconds != s_model.frame_seconds:
         raise SystemExit(f"error: the teacher's output frames are {1000 * t_model.frame_seconds:g} ms, the "
                          f"student's {1000 * s_model.frame_seconds:g} ms: their frames do not line up")
