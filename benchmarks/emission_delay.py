@@ -1,9 +1,9 @@
 """How many output frames a streaming model emits after an offline one: the `--distill-delay` to use.
 
-    python benchmarks/emission_delay.py --teacher runs/bigru-40ms/best.pt --student models/gru-stream.pt \
-        --data ../shared/data/librispeech-train --utterances 40
+    python benchmarks/emission_delay.py --teacher models/bigru.pt --student models/gru-stream.pt \
+        --data ../shared/data/librispeech-train --utterances 40 --max-lag 12
 
-(The shipped bigru.pt has 20 ms output frames and gru-stream.pt 40 ms: pair models of one rate.)
+(Both shipped models have 20 ms output frames; a pair of different rates is refused.)
 
 Both models decode the same utterances whole; they must have the same output frame (subsampling).
 For each lag d (output frames), the table
