@@ -427,13 +427,22 @@ class Teacher:
         return (kl * valid).sum() / log_probs.shape[0]
 
 
+def run_subsampling(cfg: TrainConfig, source: dict | None) -> int:
+    """The output frame rate a run trains at: the configured one, else that of the checkpoint it
+    starts from (--resume or --init-from: no silent change of rate), else 4 (40 ms frames)."""
+    if cfg.subsampling:
+        return cfg.subsampling
+    return source["model_config"].get("subsampling", 4) if source is not None else 4
+
+
 def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
     """The --teacher checkpoint, checked to share the student's features, vocabulary and
-    subsampling (so their output frames line up)."""
+    subsampling (so their output frames line up). `cfg.subsampling` is the student's resolved
+    rate (see run_subsampling)."""
     ckpt = read_checkpoint(cfg.teacher)
     wrong = _front_end_mismatches(ckpt, fcfg, vocab)
     teacher_sub = ckpt["model_config"].get("subsampling", 4)
-    student_sub = cfg.subsampling or 4  # 0 (unset, no --init-from model to follow): the default
+    student_sub = cfg.subsampling
     if teacher_sub != student_sub:
         wrong.append(f"subsampling {teacher_sub} (not {student_sub})")
     if wrong:
@@ -523,9 +532,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     init = _init_checkpoint(cfg, fcfg, vocab) if resume_ckpt is None and cfg.init_from else None
-    if not cfg.subsampling:  # unset: keep the rate of the model the run starts from
-        source = resume_ckpt or init
-        cfg = replace(cfg, subsampling=source["model_config"].get("subsampling", 4) if source else 4)
+    cfg = replace(cfg, subsampling=run_subsampling(cfg, resume_ckpt or init))
     if resume_ckpt is not None:
         stats = FeatureStats.from_dict(resume_ckpt["feature_stats"])
     elif init is not None:

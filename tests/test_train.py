@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,15 @@ from asr.data import scan_corpus
 from asr.features import FeatureConfig, FeatureStats, log_mel
 from asr.model import output_lengths
 from asr.text import Vocab
-from asr.train import CKPT_DIR, TrainConfig, get_lr, load_teacher, selection_score, train
+from asr.train import (
+    CKPT_DIR,
+    TrainConfig,
+    get_lr,
+    load_teacher,
+    run_subsampling,
+    selection_score,
+    train,
+)
 from cli import cli
 
 TRAIN_IDS = ("9301-1-0001", "9301-1-0002", "9301-1-0003", "9301-1-0004", "9301-1-0005",
@@ -309,6 +318,19 @@ def test_init_from_can_halve_the_output_frame(overfit_corpus, overfit_models, tm
     assert read_checkpoint(Path(r.output.split("model: ")[-1].strip()))["model_config"]["subsampling"] == 2
 
 
+
+def test_run_subsampling_prefers_the_option_then_the_source_model_then_40_ms():
+    """The rate a run trains at (and a --teacher must share): an explicit --subsampling wins, an
+    unset one follows the checkpoint the run starts from, and a fresh run gets 4 (40 ms)."""
+    cfg = TrainConfig(train=("x",), dev=(), out="x")
+    twenty_ms = {"model_config": {"subsampling": 2}}
+    old = {"model_config": {}}  # written before the option existed: 4
+    assert run_subsampling(cfg, None) == 4
+    assert run_subsampling(cfg, twenty_ms) == 2
+    assert run_subsampling(cfg, old) == 4
+    assert run_subsampling(replace(cfg, subsampling=4), twenty_ms) == 4
+    assert run_subsampling(replace(cfg, subsampling=2), None) == 2
+
 # ----------------------------------------------------------------------------- distillation
 
 
@@ -336,6 +358,7 @@ def test_distillation_loss_compares_the_student_with_the_delayed_teacher(overfit
     feats, lengths, lp = _posteriors(teacher_path, utts)
     stats = read_checkpoint(teacher_path)["feature_stats"]
     cfg = TrainConfig(train=("x",), dev=(), out="x", teacher=str(teacher_path))
+    cfg = replace(cfg, subsampling=run_subsampling(cfg, None))  # as train() resolves it: 40 ms
     out_len = output_lengths(lengths)
     teacher = load_teacher(cfg, FeatureConfig(), Vocab(), FeatureStats.from_dict(stats))
     assert teacher.loss(feats, lengths, lp, out_len) == pytest.approx(0.0, abs=1e-3)
