@@ -318,7 +318,6 @@ def test_init_from_can_halve_the_output_frame(overfit_corpus, overfit_models, tm
     assert read_checkpoint(Path(r.output.split("model: ")[-1].strip()))["model_config"]["subsampling"] == 2
 
 
-
 def test_run_subsampling_prefers_the_option_then_the_source_model_then_40_ms():
     """The rate a run trains at (and a --teacher must share): an explicit --subsampling wins, an
     unset one follows the checkpoint the run starts from, and a fresh run gets 4 (40 ms)."""
@@ -330,6 +329,7 @@ def test_run_subsampling_prefers_the_option_then_the_source_model_then_40_ms():
     assert run_subsampling(cfg, old) == 4
     assert run_subsampling(replace(cfg, subsampling=4), twenty_ms) == 4
     assert run_subsampling(replace(cfg, subsampling=2), None) == 2
+
 
 # ----------------------------------------------------------------------------- distillation
 
