@@ -427,12 +427,18 @@ class Teacher:
         return (kl * valid).sum() / log_probs.shape[0]
 
 
+def _checkpoint_subsampling(ckpt: dict) -> int:
+    """A checkpoint's output frame rate (ModelConfig's default for files written before the option)."""
+    return ckpt["model_config"].get("subsampling", ModelConfig.subsampling)
+
+
 def run_subsampling(cfg: TrainConfig, source: dict | None) -> int:
     """The output frame rate a run trains at: the configured one, else that of the checkpoint it
-    starts from (--resume or --init-from: no silent change of rate), else 4 (40 ms frames)."""
+    starts from (--resume or --init-from: no silent change of rate), else ModelConfig's default (4,
+    40 ms frames)."""
     if cfg.subsampling:
         return cfg.subsampling
-    return source["model_config"].get("subsampling", 4) if source is not None else 4
+    return _checkpoint_subsampling(source) if source is not None else ModelConfig.subsampling
 
 
 def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
@@ -441,7 +447,7 @@ def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: Fea
     rate (see run_subsampling)."""
     ckpt = read_checkpoint(cfg.teacher)
     wrong = _front_end_mismatches(ckpt, fcfg, vocab)
-    teacher_sub = ckpt["model_config"].get("subsampling", 4)
+    teacher_sub = _checkpoint_subsampling(ckpt)
     student_sub = cfg.subsampling
     if teacher_sub != student_sub:
         wrong.append(f"subsampling {teacher_sub} (not {student_sub})")
