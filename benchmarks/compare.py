@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -269,16 +270,24 @@ def plot(report: dict, path: Path) -> None:
 
     t = str(report["threads"][0])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    placed: list[tuple[float, float]] = []  # (log10 RTF, WER) of the labels above their points
     for s in report["systems"]:
         x, y = s["rtf"][t], 100 * s["wer"]
         ax.scatter([x], [y], s=60, marker="^" if s["streaming"] else "o",
                    color="tab:blue" if s["ours"] else "tab:gray", zorder=3)
-        ax.annotate(s["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # a label that would overlap one already above a nearby point goes below its own point
+        crowded = any(abs(math.log10(x) - px) < 0.3 and abs(y - py) < 4 for px, py in placed)
+        if not crowded:
+            placed.append((math.log10(x), y))
+        ax.annotate(s["label"], (x, y), textcoords="offset points", fontsize=8,
+                    xytext=(6, -12) if crowded else (6, 4))
     ax.set_xscale("log")
     ax.margins(x=0.35, y=0.12)  # room for the labels
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    # label only the 2x and 5x minor ticks: all eight crowd each other within a decade
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if round(v / 10 ** math.floor(math.log10(v) + 1e-9)) in (2, 5) else ""))
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(f"real-time factor, {t} thread{'s' if t != '1' else ''} (log scale, lower is faster)")
     ax.set_ylabel("WER % (lower is better)")
