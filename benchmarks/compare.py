@@ -276,9 +276,11 @@ def plot(report: dict, path: Path) -> None:
         ax.scatter([x], [y], s=60, marker="^" if s["streaming"] else "o",
                    color="tab:blue" if s["ours"] else "tab:gray", zorder=3)
         # a label that would overlap one already above a nearby point goes below its own point
-        crowded = any(abs(math.log10(x) - px) < 0.3 and abs(y - py) < 4 for px, py in placed)
+        # (an RTF of 0, from a clock too coarse for a tiny run, must not end the run in a traceback)
+        lx = math.log10(max(x, 1e-9))
+        crowded = any(abs(lx - px) < 0.3 and abs(y - py) < 4 for px, py in placed)
         if not crowded:
-            placed.append((math.log10(x), y))
+            placed.append((lx, y))
         ax.annotate(s["label"], (x, y), textcoords="offset points", fontsize=8,
                     xytext=(6, -12) if crowded else (6, 4))
     ax.set_xscale("log")
