@@ -23,6 +23,8 @@ _CELL_FUNCTIONS = {"gru": torch.gru, "lstm": torch.lstm, "rnn": torch.rnn_tanh}
 KERNEL = 3  # conv kernel along time and frequency
 STRIDE = 2  # conv stride along frequency (both layers) and time (first layer; second when subsampling 4)
 SUBSAMPLINGS = (2, 4)  # output frame = 20 or 40 ms
+# storage and arithmetic of the recurrent layers at inference; everything else stays float32
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,29 @@ class CTCModel(nn.Module):
         return self.dropout(self.norm(self.proj(y)))
 
     def _classify(self, h: Tensor) -> Tensor:
-        return F.log_softmax(self.classifier(self.dropout(h)).float(), dim=-1)
+        return F.log_softmax(self.classifier(self.dropout(h.float())).float(), dim=-1)
+
+    @property
+    def precision(self) -> str:
+        """Name of the recurrent layers' dtype (a key of PRECISIONS)."""
+        dtype = self.rnn.weight_hh_l0.dtype
+        return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+    def set_precision(self, precision: str) -> CTCModel:
+        """Run the recurrent layers in `precision` (inference only); returns self.
+
+        The recurrent layers are most of the work and, per chunk of a stream, bound by reading their
+        weight matrices; bfloat16 halves those reads. Their inputs are cast on the way in and their
+        outputs back to float32, so convolutions, projection, classifier and log-softmax stay float32,
+        and the streaming state carries the hidden state in the recurrent layers' dtype: chaining
+        step() still equals forward() in the same precision.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision != "float32" and self.training:
+            raise RuntimeError(f"{precision} is for inference: call model.eval() first")
+        self.rnn.to(PRECISIONS[precision])
+        return self
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Whole utterances.
@@ -133,6 +157,7 @@ class CTCModel(nn.Module):
         batches natively. Both give the same outputs and gradients (tests/test_model.py); outputs
         beyond a sequence's length are not meaningful (they are never scored).
         """
+        z = z.to(self.rnn.weight_hh_l0.dtype)
         if z.is_cuda:
             return self._recur_packed(z, lengths)
         if not self.cfg.bidirectional:
@@ -170,7 +195,8 @@ class CTCModel(nn.Module):
             raise RuntimeError("a bidirectional model cannot stream; use a unidirectional (gru) model")
         cfg = self.cfg
         shape = (cfg.num_layers, batch_size, cfg.hidden_size)
-        hidden = torch.zeros((2, *shape) if cfg.cell == "lstm" else shape, device=device)
+        hidden = torch.zeros((2, *shape) if cfg.cell == "lstm" else shape, device=device,
+                             dtype=self.rnn.weight_hh_l0.dtype)
         f1 = (cfg.n_mels + 2 - KERNEL) // STRIDE + 1
         ctx = (torch.zeros(batch_size, 1, KERNEL - 1, cfg.n_mels, device=device),
                torch.zeros(batch_size, cfg.conv_channels, KERNEL - 1, f1, device=device))
@@ -203,12 +229,13 @@ class CTCModel(nn.Module):
         if x.shape[2] == 0:
             empty = x.new_zeros(x.shape[0], 0, self.cfg.vocab_size)
             return empty, StreamState(hidden=state.hidden, context=tuple(new_ctx))
-        z = self._project(x)
+        dtype = self.rnn.weight_hh_l0.dtype
+        z, prev = self._project(x).to(dtype), state.hidden.to(dtype)
         if self.cfg.cell == "lstm":
-            h, (hn, cn) = self.rnn(z, (state.hidden[0], state.hidden[1]))
+            h, (hn, cn) = self.rnn(z, (prev[0], prev[1]))
             hidden = torch.stack([hn, cn])
         else:
-            h, hidden = self.rnn(z, state.hidden)
+            h, hidden = self.rnn(z, prev)
         return self._classify(h), StreamState(hidden=hidden, context=tuple(new_ctx))
 
 

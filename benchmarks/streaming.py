@@ -3,7 +3,7 @@ and resident memory over a long continuous stream.
 
     python benchmarks/streaming.py [--model models/gru-stream.pt] [--chunk-ms 40 100 200]
         [--decoder greedy beam] [--timing-seconds 120] [--latency-utterances 40]
-        [--memory-minutes 1 10 60] [--threads 1 [2 ...]] [--busy N]
+        [--memory-minutes 1 10 60] [--threads 1 [2 ...]] [--busy N] [--precision float32 bfloat16]
         [--state-data ../shared/data/librispeech-dev [--state-utterances 40]]
 
 The audio is the speech in samples/ with 1.5 s of quiet noise after each utterance, looped, and fed
@@ -19,6 +19,8 @@ as fast as possible through `StreamingSession.push` (featurizer, model step, dec
 - --threads: torch intra-op threads for the timings (the CLI streams on 1 by default); --busy N
   keeps N other processes spinning on the CPU meanwhile, as a loaded machine would (a training
   run, a browser), where extra threads cost far more than they give;
+- --precision: the recurrent layers in float32 and/or bfloat16 (`--precision` of the CLI); the
+  memory is measured with the last one;
 - with --state-data: WER of dev utterances joined by pauses into streams, with the model's hidden
   state kept or reset at each endpoint (and each utterance decoded alone, for reference).
 
@@ -224,6 +226,8 @@ def main() -> None:
                     help="torch threads for the timings (default: 1, as the CLI streams)")
     ap.add_argument("--busy", type=int, default=0,
                     help="other processes kept spinning on the CPU during the timings")
+    ap.add_argument("--precision", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+                    help="recurrent layers' precision(s) to time")
     ap.add_argument("--state-utterances", type=int, default=40)
     ap.add_argument("--state-group", type=int, default=4, help="utterances joined per stream")
     args = ap.parse_args()
@@ -237,9 +241,10 @@ def main() -> None:
     if not Path(args.model).exists():
         raise SystemExit(f"{args.model}: no such model; pass a streaming checkpoint with --model")
     try:
-        lm = load_model(args.model)
+        models = {p: load_model(args.model, precision=p) for p in args.precision}
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
+    lm = next(iter(models.values()))
     if lm.model.cfg.bidirectional:
         raise SystemExit(f"{args.model}: a bidirectional model cannot stream")
     utts, program = load_program()
@@ -257,30 +262,35 @@ def main() -> None:
             from asr.beam import BeamConfig
 
             decoders[name] = BeamConfig()
-    print("| decoder | threads | chunk | push p50 | push p95 | RTF | final text p50 | final text p95 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| precision | decoder | threads | chunk | push p50 | push p95 | RTF | final text p50 "
+          "| final text p95 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with Busy(args.busy):
         for name, beam in decoders.items():
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 for ms in args.chunk_ms:
-                    p50, p95, rtf = timing(lm, program, ms, args.timing_seconds, beam)
-                    l50, l95 = final_latency(lm, utts, ms, args.latency_utterances, beam)
-                    print(f"| {name} | {threads} | {ms} ms | {p50:.2f} ms | {p95:.2f} ms | {rtf:.4f} "
-                          f"| {l50:.1f} ms | {l95:.1f} ms |", flush=True)
+                    for precision, lm in models.items():
+                        p50, p95, rtf = timing(lm, program, ms, args.timing_seconds, beam)
+                        l50, l95 = final_latency(lm, utts, ms, args.latency_utterances, beam)
+                        print(f"| {precision} | {name} | {threads} | {ms} ms | {p50:.2f} ms "
+                              f"| {p95:.2f} ms | {rtf:.4f} | {l50:.1f} ms | {l95:.1f} ms |", flush=True)
     torch.set_num_threads(1)
 
     if args.state_data:
-        rows = endpoint_state(lm, args.state_data, args.state_utterances, args.state_group)
         print(f"\n| hidden state at endpoints ({args.state_group} utterances per stream, "
-              f"{GAP_S} s pauses) | WER | CER | final events |")
-        print("|---|---:|---:|---:|")
-        for label, c, n in rows:
-            print(f"| {label} | {100 * c.wer:.2f} % | {100 * c.cer:.2f} % | {n} |", flush=True)
+              f"{GAP_S} s pauses) | precision | WER | CER | final events |")
+        print("|---|---|---:|---:|---:|")
+        for precision, lm in models.items():
+            rows = endpoint_state(lm, args.state_data, args.state_utterances, args.state_group)
+            for label, c, n in rows:
+                print(f"| {label} | {precision} | {100 * c.wer:.2f} % | {100 * c.cer:.2f} % | {n} |",
+                      flush=True)
 
     if args.memory_minutes:
         name, beam = list(decoders.items())[-1]
-        print(f"\n| continuous audio ({name}, 100 ms chunks) | RSS |")
+        lm = models[args.precision[-1]]
+        print(f"\n| continuous audio ({name}, 100 ms chunks, {args.precision[-1]}) | RSS |")
         print("|---|---:|")
         for label, mb in memory(lm, program, args.memory_minutes, beam=beam):
             print(f"| {label} | {mb:.1f} MB |", flush=True)

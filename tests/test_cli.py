@@ -153,7 +153,8 @@ def test_missing_model_file(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["--format", "docx"], ["--threads", "0"], ["--device", "tpu"], ["--no-such-option"], []])
+    ["--format", "docx"], ["--threads", "0"], ["--device", "tpu"], ["--precision", "int4"],
+    ["--no-such-option"], []])
 def test_usage_errors_exit_2(args):
     r = transcribe(*args, *([AUDIO] if args else []))
     assert r.exit_code == 2
@@ -254,3 +255,17 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(overfit_models):
     r = transcribe("--device", "cuda", "--model", overfit_models["bigru"], AUDIO)
     assert r.exit_code == 1
     assert r.stderr.strip() == "Error: --device cuda: no CUDA GPU is available"
+
+
+@pytest.mark.parametrize("arch,args", [("bigru", []), ("gru", ["--stream"])])
+def test_bfloat16_precision_transcribes(overfit_models, arch, args):
+    r = ok(transcribe(*args, "--precision", "bfloat16", "--model", overfit_models[arch], AUDIO))
+    assert " ".join(r.stdout.split()) == TEXT
+
+
+def test_bfloat16_on_a_gpu_is_refused(overfit_models):
+    r = transcribe("--device", "cuda", "--precision", "bfloat16", "--model", overfit_models["bigru"],
+                   AUDIO)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == "Error: --precision bfloat16 is for --device cpu (on a GPU the model " \
+        "is fast in float32)"

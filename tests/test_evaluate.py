@@ -93,6 +93,10 @@ def test_streaming_evaluation_uses_the_streaming_model(overfit_models, overfit_c
     summary = json.loads(r.stdout)
     assert summary["stream"] is True and summary["utterances"] == 4
     assert summary["wer"] <= 0.05  # learned from these very utterances
+    half = json.loads(evaluate("--data", overfit_corpus, "--model", overfit_models["gru"], "--stream",
+                               "--precision", "bfloat16", "--format", "json").stdout)
+    assert half["precision"] == "bfloat16" and summary["precision"] == "float32"
+    assert half["wer"] <= 0.05
     r = CliRunner().invoke(cli, ["evaluate", "--data", str(overfit_corpus), "--model",
                                  str(overfit_models["bigru"]), "--stream"])
     assert r.exit_code == 1 and "unidirectional" in r.output

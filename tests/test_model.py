@@ -64,6 +64,39 @@ def test_step_chained_over_any_split_equals_forward(feats, cell, subsampling):
         torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_step_chained_equals_forward_in_bfloat16(feats, cell):
+    """The hidden state travels between chunks in the recurrent layers' precision."""
+    model = small(bidirectional=False, cell=cell).set_precision("bfloat16")
+    with torch.no_grad():
+        full, n_out = model(feats[None], torch.tensor([feats.shape[0]]))
+        _, state = model.step(feats[None, :9], model.init_state())
+    assert state.hidden.dtype == torch.bfloat16 and full.dtype == torch.float32
+    full = full[0, : n_out[0]]
+    for cuts in ([], list(range(1, feats.shape[0])), list(range(5, feats.shape[0], 5))):
+        torch.testing.assert_close(chained(model, feats, cuts), full, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_bfloat16_changes_the_output_only_by_rounding(feats, bidirectional):
+    ref, half = small(bidirectional), small(bidirectional).set_precision("bfloat16")
+    assert (ref.precision, half.precision) == ("float32", "bfloat16")
+    assert half.classifier.weight.dtype == half.conv1.weight.dtype == torch.float32
+    with torch.no_grad():
+        a, _ = ref(feats[None], torch.tensor([feats.shape[0]]))
+        b, _ = half(feats[None], torch.tensor([feats.shape[0]]))
+    diff = (a - b).abs()
+    assert 0 < diff.max() < 0.05 and diff.mean() < 0.005
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.98
+
+
+def test_set_precision_refuses_unknown_names_and_training():
+    with pytest.raises(ValueError, match="unknown precision 'float8'"):
+        small(bidirectional=False).set_precision("float8")
+    with pytest.raises(RuntimeError, match="inference"):
+        small(bidirectional=False).train().set_precision("bfloat16")
+
+
 def test_step_does_not_modify_the_state_it_is_given(feats):
     model = small(bidirectional=False)
     s0 = model.init_state()
