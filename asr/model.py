@@ -105,10 +105,14 @@ class CTCModel(nn.Module):
         return F.log_softmax(self.classifier(self.dropout(h.float())).float(), dim=-1)
 
     @property
+    def rnn_dtype(self) -> torch.dtype:
+        """dtype of the recurrent layers' weights, inputs and hidden state."""
+        return self.rnn.weight_hh_l0.dtype
+
+    @property
     def precision(self) -> str:
         """Name of the recurrent layers' dtype (a key of PRECISIONS)."""
-        dtype = self.rnn.weight_hh_l0.dtype
-        return next(name for name, d in PRECISIONS.items() if d == dtype)
+        return next(name for name, d in PRECISIONS.items() if d == self.rnn_dtype)
 
     def set_precision(self, precision: str) -> CTCModel:
         """Run the recurrent layers in `precision` (inference only); returns self.
@@ -116,8 +120,9 @@ class CTCModel(nn.Module):
         The recurrent layers are most of the work and, per chunk of a stream, bound by reading their
         weight matrices; bfloat16 halves those reads. Their inputs are cast on the way in and their
         outputs back to float32, so convolutions, projection, classifier and log-softmax stay float32,
-        and the streaming state carries the hidden state in the recurrent layers' dtype: chaining
-        step() still equals forward() in the same precision.
+        and the streaming state carries the hidden state in the recurrent layers' dtype. Chaining
+        step() then equals forward() up to rounding: the float32 layers' last-bit differences
+        between chunkings can tip a bfloat16 rounding, which float32 recurrent layers absorb.
         """
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -157,7 +162,7 @@ class CTCModel(nn.Module):
         batches natively. Both give the same outputs and gradients (tests/test_model.py); outputs
         beyond a sequence's length are not meaningful (they are never scored).
         """
-        z = z.to(self.rnn.weight_hh_l0.dtype)
+        z = z.to(self.rnn_dtype)
         if z.is_cuda:
             return self._recur_packed(z, lengths)
         if not self.cfg.bidirectional:
@@ -196,7 +201,7 @@ class CTCModel(nn.Module):
         cfg = self.cfg
         shape = (cfg.num_layers, batch_size, cfg.hidden_size)
         hidden = torch.zeros((2, *shape) if cfg.cell == "lstm" else shape, device=device,
-                             dtype=self.rnn.weight_hh_l0.dtype)
+                             dtype=self.rnn_dtype)
         f1 = (cfg.n_mels + 2 - KERNEL) // STRIDE + 1
         ctx = (torch.zeros(batch_size, 1, KERNEL - 1, cfg.n_mels, device=device),
                torch.zeros(batch_size, cfg.conv_channels, KERNEL - 1, f1, device=device))
@@ -229,8 +234,7 @@ class CTCModel(nn.Module):
         if x.shape[2] == 0:
             empty = x.new_zeros(x.shape[0], 0, self.cfg.vocab_size)
             return empty, StreamState(hidden=state.hidden, context=tuple(new_ctx))
-        dtype = self.rnn.weight_hh_l0.dtype
-        z, prev = self._project(x).to(dtype), state.hidden.to(dtype)
+        z, prev = self._project(x).to(self.rnn_dtype), state.hidden.to(self.rnn_dtype)
         if self.cfg.cell == "lstm":
             h, (hn, cn) = self.rnn(z, (prev[0], prev[1]))
             hidden = torch.stack([hn, cn])
