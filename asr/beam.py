@@ -39,7 +39,7 @@ class BeamConfig:
     beam_size: int = 128  # hypotheses kept after each frame
     beam_size_token: int = 12  # most likely tokens tried per frame
     beam_threshold: float = 20.0  # drop hypotheses this far (natural log) below the best
-    lm_weight: float = 1.0  # weight of the LM's log10 probabilities
+    lm_weight: float = 1.3  # weight of the LM's log10 probabilities (swept: models/README.md)
     word_score: float = 0.0  # added per word (positive favours more, shorter words)
     sil_score: float = 0.0  # added per frame of space
 
