@@ -101,7 +101,7 @@ precision_option = click.option(
     "--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
     help="Arithmetic of the recurrent layers, most of the model's work: bfloat16 halves the "
     "weight memory they read per frame and is faster on CPUs with native bfloat16 (e.g. "
-    "AVX512-BF16), at nearly the same accuracy (README: Speed).")
+    "AVX512-BF16), at nearly the same accuracy (measured in the README, under asr listen).")
 
 
 def _beam_config(decoding, vocab):
