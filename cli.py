@@ -97,7 +97,7 @@ def streaming_options(note: str = ""):
     return lambda fn: chunk(endpoint(fn))
 
 
-precision_option = click.option(
+precision_option = click.option(  # the choices are asr.model.PRECISIONS (kept torch-free here)
     "--precision", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
     help="Arithmetic of the recurrent layers, most of the model's work: bfloat16 halves the "
     "weight memory they read per frame and is faster on CPUs with native bfloat16 (e.g. "
@@ -455,7 +455,8 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
         except OSError as e:
             _fail(f"--report {report}: cannot write ({e.strerror or e})")
     c = rep.counts
-    summary = {"model": lm.path, "stream": stream, "precision": precision, "decoder": beam.to_dict() if beam else "greedy",
+    summary = {"model": lm.path, "stream": stream, "precision": precision,
+               "decoder": beam.to_dict() if beam else "greedy",
                "utterances": len(utts), "skipped": skipped,
                "hours": round(rep.audio_seconds / 3600, 4), "wer": round(c.wer, 5),
                "cer": round(c.cer, 5), "substitutions": c.substitutions, "deletions": c.deletions,

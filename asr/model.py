@@ -111,8 +111,10 @@ class CTCModel(nn.Module):
 
     @property
     def precision(self) -> str:
-        """Name of the recurrent layers' dtype (a key of PRECISIONS)."""
-        return next(name for name, d in PRECISIONS.items() if d == self.rnn_dtype)
+        """Name of the recurrent layers' dtype: a key of PRECISIONS, or torch's name for another dtype
+        (e.g. after model.half())."""
+        return next((name for name, d in PRECISIONS.items() if d == self.rnn_dtype),
+                    str(self.rnn_dtype).removeprefix("torch."))
 
     def set_precision(self, precision: str) -> CTCModel:
         """Run the recurrent layers in `precision` (inference only); returns self.

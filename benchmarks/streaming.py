@@ -206,6 +206,7 @@ def endpoint_state(lm, data: list[str], n_utts: int, group: int) -> list[tuple[s
 
 def main() -> None:
     from asr.checkpoint import DEFAULT_STREAMING_MODEL
+    from asr.model import PRECISIONS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_STREAMING_MODEL),
@@ -226,7 +227,7 @@ def main() -> None:
                     help="torch threads for the timings (default: 1, as the CLI streams)")
     ap.add_argument("--busy", type=int, default=0,
                     help="other processes kept spinning on the CPU during the timings")
-    ap.add_argument("--precision", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+    ap.add_argument("--precision", nargs="+", choices=list(PRECISIONS), default=["float32"],
                     help="recurrent layers' precision(s) to time")
     ap.add_argument("--state-utterances", type=int, default=40)
     ap.add_argument("--state-group", type=int, default=4, help="utterances joined per stream")

@@ -263,6 +263,14 @@ def test_bfloat16_precision_transcribes(overfit_models, arch, args):
     assert " ".join(r.stdout.split()) == TEXT
 
 
+@pytest.mark.parametrize("name", ["transcribe", "listen", "evaluate"])
+def test_precision_choices_are_the_models(name):
+    from asr.model import PRECISIONS
+
+    (option,) = [p for p in cli.commands[name].params if p.name == "precision"]
+    assert list(option.type.choices) == list(PRECISIONS)
+
+
 def test_bfloat16_on_a_gpu_is_refused(overfit_models):
     r = transcribe("--device", "cuda", "--precision", "bfloat16", "--model", overfit_models["bigru"],
                    AUDIO)

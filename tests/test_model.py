@@ -81,6 +81,7 @@ def test_step_chained_equals_forward_in_bfloat16(feats, cell):
 def test_bfloat16_changes_the_output_only_by_rounding(feats, bidirectional):
     ref, half = small(bidirectional), small(bidirectional).set_precision("bfloat16")
     assert (ref.precision, half.precision) == ("float32", "bfloat16")
+    assert small(bidirectional).half().precision == "float16"
     assert half.classifier.weight.dtype == half.conv1.weight.dtype == torch.float32
     with torch.no_grad():
         a, _ = ref(feats[None], torch.tensor([feats.shape[0]]))
