@@ -309,6 +309,9 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--subsampling", type=click.Choice(["2", "4"]),
               help="Input frames (10 ms) per output frame: 4 (40 ms) or 2 (20 ms: twice the recurrent "
                    "work; characters then have room). Default: the --init-from model's, else 4.")
+@click.option("--cmn-window", type=click.IntRange(min=0),
+              help="Subtract a causal running mean from the normalised features, averaged over up to this "
+                   "many 10 ms frames (0: off; e.g. 1000). Default: the --init-from model's, else off.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=0), default=0, help="Stop after N steps (overrides --epochs).")
 @click.option("--batch-seconds", type=click.FloatRange(min=1), default=240.0, show_default=True)
@@ -343,7 +346,7 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--debug-ranks", is_flag=True, hidden=True)
 def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout, subsampling,
-          epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
+          cmn_window, epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
           teacher, distill_weight, distill_delay, device, threads,
           num_workers, eval_every, save_every, keep_last, log_every, skip_bad, resume, debug_ranks):
     """Train a CTC model on LibriSpeech-layout corpora (also under torchrun for several processes).
@@ -369,7 +372,7 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
     _threads(threads)
     cfg = TrainConfig(train=tuple(train_paths), dev=tuple(dev_paths), out=out, arch=arch, cell=cell,
                       hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,
-                      subsampling=int(subsampling or 0),
+                      subsampling=int(subsampling or 0), cmn_window=-1 if cmn_window is None else cmn_window,
                       dropout=dropout, epochs=epochs, max_steps=max_steps,
                       batch_seconds=batch_seconds, lr=lr, warmup_steps=warmup_steps, seed=seed,
                       augment=not no_augment, augment_kinds=augment_kinds, init_from=init_from or "",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .features import FeatureConfig, FeatureStats
+from .features import FeatureConfig, FeatureStats, log_mel, normalize_features
 from .model import CTCModel, ModelConfig
 from .paths import readable_file
 from .text import Vocab
@@ -54,6 +54,10 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def features(self, wave) -> torch.Tensor:
+        """(N,) samples at the model's rate -> (T, F) the model's input frames for a whole utterance."""
+        return normalize_features(log_mel(wave, self.feature_config), self.feature_config, self.stats)
 
 
 def atomic_save(obj: dict, path: str | os.PathLike) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_duration, load_audio, resample
-from .features import FeatureConfig, FeatureStats, StatsAccumulator, log_mel
+from .features import FeatureConfig, FeatureStats, StatsAccumulator, log_mel, normalize_features
 from .text import Vocab, normalize_text
 
 _ID = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+-[A-Za-z0-9]+$")
@@ -360,9 +360,7 @@ class SpeechDataset(torch.utils.data.Dataset):
         warp = 1.0
         if g is not None and self.augment.vtlp:  # drawn after perturb_wave's draws: they stay as they were
             warp = 1.0 + (torch.rand(1, generator=g).item() * 2 - 1) * self.augment.vtlp
-        feats = log_mel(wave, self.fcfg, vtlp=warp)
-        if self.stats is not None:
-            feats = self.stats.normalize(feats)
+        feats = normalize_features(log_mel(wave, self.fcfg, vtlp=warp), self.fcfg, self.stats)
         if g is not None and self.augment.masks:
             feats = spec_augment(feats, self.augment, g)
         return feats

@@ -4,7 +4,9 @@ Frame `i` covers samples `[i * hop, i * hop + n_fft)` (no centre padding). An ut
 gives `N // hop` frames: the waveform is right-padded with `n_fft - hop` zeros, so every 10 ms of audio
 owns exactly one frame. `OnlineLogMel` emits each frame as soon as its samples have arrived and applies
 the same right padding in `finish()`, so any chunking reproduces `log_mel()`. Normalisation uses global
-statistics (`FeatureStats`, stored in the checkpoint), never per-utterance ones.
+statistics (`FeatureStats`, stored in the checkpoint); a model trained with `cmn_window` then also
+subtracts a causal running mean (`subtract_running_mean`), computed frame by frame from the start of
+the stream, so it too is the same over a whole file and chunk by chunk.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ class FeatureConfig:
     n_mels: int = 80  # mel bins F
     f_min: float = 20.0  # Hz, lowest mel edge
     f_max: float = 7600.0  # Hz, highest mel edge (below Nyquist; codecs cut the top band)
+    # causal mean normalisation after the global statistics (0: off): the running mean of the
+    # normalised frames, starting from the global mean as if it were `cmn_prior` frames, becomes an
+    # exponential average over `cmn_window` frames once that many have been seen
+    cmn_window: int = 0
+    cmn_prior: int = 100
+
+    def __post_init__(self):
+        for name in ("cmn_window", "cmn_prior"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +134,45 @@ class FeatureStats:
         return cls(mean=torch.zeros(n_mels), std=torch.ones(n_mels))
 
 
+@dataclass
+class RunningMean:
+    """Streaming state of `subtract_running_mean`: the mean so far and its frame count."""
+
+    mean: np.ndarray  # (F,) float32
+    count: int
+
+
+def subtract_running_mean(feats: Tensor, cfg: FeatureConfig,
+                          state: RunningMean | None = None) -> tuple[Tensor, RunningMean]:
+    """Causal mean normalisation of globally normalised frames, (T, F) -> (T, F) and the new state.
+
+    Frame t is reduced by m_t = m_{t-1} + (x_t - m_{t-1}) / n_t with n_t = min(n_{t-1} + 1, cmn_window),
+    m = 0 and n = cmn_prior before the first frame. The frames are taken one by one, so the result
+    does not depend on how a stream is split into calls. A speaker's or a microphone's constant offset
+    in log-mel space (level, channel colouring) fades out within about a second.
+    """
+    if state is None:
+        state = RunningMean(np.zeros(cfg.n_mels, dtype=np.float32), cfg.cmn_prior)
+    x = feats.detach().to(torch.float32).numpy()
+    out = np.empty_like(x)
+    mean, count = state.mean.copy(), state.count
+    for t in range(x.shape[0]):
+        count = min(count + 1, cfg.cmn_window)
+        mean += (x[t] - mean) / np.float32(count)
+        out[t] = x[t] - mean
+    return torch.from_numpy(out), RunningMean(mean, count)
+
+
+def normalize_features(feats: Tensor, cfg: FeatureConfig, stats: FeatureStats | None) -> Tensor:
+    """A whole utterance's log-mel frames as the model takes them: global statistics, then the
+    causal running mean when `cfg.cmn_window` is set. `OnlineLogMel` gives the same chunk by chunk."""
+    if stats is not None:
+        feats = stats.normalize(feats)
+        if cfg.cmn_window:
+            feats = subtract_running_mean(feats, cfg)[0]
+    return feats
+
+
 class StatsAccumulator:
     """Running sum and sum of squares (float64) for FeatureStats."""
 
@@ -145,7 +197,8 @@ class StatsAccumulator:
 class OnlineLogMel:
     """Streaming log-mel: accepts samples in chunks of any size and emits normalised frames.
 
-    State: the unconsumed sample tail (shorter than n_fft) and the number of samples seen.
+    State: the unconsumed sample tail (shorter than n_fft), the number of samples seen and, with
+    `cmn_window`, the running mean.
     """
 
     def __init__(self, cfg: FeatureConfig, stats: FeatureStats | None = None):
@@ -157,10 +210,15 @@ class OnlineLogMel:
         self._buffer = torch.zeros(0)  # samples from the next frame's start onwards
         self._n_samples = 0  # samples accepted so far
         self._n_frames = 0  # frames emitted so far
+        self._mean: RunningMean | None = None  # running-mean state (cmn_window models)
 
     def _out(self, feats: Tensor) -> Tensor:
         self._n_frames += feats.shape[0]
-        return self.stats.normalize(feats) if self.stats is not None else feats
+        if self.stats is not None:
+            feats = self.stats.normalize(feats)
+            if self.cfg.cmn_window and feats.shape[0]:
+                feats, self._mean = subtract_running_mean(feats, self.cfg, self._mean)
+        return feats
 
     def accept(self, samples: np.ndarray | Tensor) -> Tensor:
         """Add samples; returns the newly complete frames, (T_new, F) with T_new possibly 0."""

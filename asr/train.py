@@ -70,6 +70,7 @@ class TrainConfig:
     conv_channels: int = 32  # subsampler channels
     subsampling: int = 0  # input frames per output frame: 4 (40 ms) or 2 (20 ms); 0: init_from's, else 4
     dropout: float = 0.15  # recurrent/classifier dropout
+    cmn_window: int = -1  # causal mean normalisation window in frames (FeatureConfig; 0: off); -1: init_from's, else off
     epochs: int = 10  # passes over the (weighted) training data, unless max_steps is set
     max_steps: int = 0  # stop after this many optimizer steps (0: use epochs)
     batch_seconds: float = 240.0  # padded audio seconds per batch (per rank)
@@ -365,10 +366,14 @@ def _resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
                    skip_bad=cfg.skip_bad or base.skip_bad)
 
 
-def _front_end_mismatches(ckpt: dict, fcfg: FeatureConfig, vocab: Vocab) -> list[str]:
-    """What of a checkpoint's features and vocabulary differs from this run's (empty: it fits)."""
+def _front_end_mismatches(ckpt: dict, fcfg: FeatureConfig, vocab: Vocab, any_cmn: bool = False) -> list[str]:
+    """What of a checkpoint's features and vocabulary differs from this run's (empty: it fits).
+    `any_cmn`: the running-mean setting may differ (fine-tuning onto it, or off it)."""
     wrong = []
-    if ckpt["feature_config"] != fcfg.to_dict():
+    theirs = FeatureConfig(**ckpt["feature_config"])
+    if any_cmn:
+        theirs = replace(theirs, cmn_window=fcfg.cmn_window, cmn_prior=fcfg.cmn_prior)
+    if theirs != fcfg:
         wrong.append("its feature settings")
     if ckpt["vocab"] != vocab.to_dict():
         wrong.append("its vocabulary")
@@ -376,14 +381,14 @@ def _front_end_mismatches(ckpt: dict, fcfg: FeatureConfig, vocab: Vocab) -> list
 
 
 def _init_checkpoint(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab) -> dict:
-    """The checkpoint --init-from names, checked to fit the configured model (dropout and subsampling
-    may differ: the weights have the same shapes either way)."""
+    """The checkpoint --init-from names, checked to fit the configured model (dropout, subsampling and
+    the running mean may differ: the weights have the same shapes either way)."""
     ckpt = read_checkpoint(cfg.init_from)
     want = {"bidirectional": cfg.arch == "bigru", "cell": cfg.cell, "conv_channels": cfg.conv_channels,
             "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers}
     got = ckpt["model_config"]
     wrong = [f"{k} {got.get(k)!r} (not {v!r})" for k, v in want.items() if got.get(k) != v]
-    wrong += _front_end_mismatches(ckpt, fcfg, vocab)
+    wrong += _front_end_mismatches(ckpt, fcfg, vocab, any_cmn=True)
     if wrong:
         raise CheckpointError(f"--init-from {cfg.init_from}: does not fit this model: it has "
                               + ", ".join(wrong) + " (pass the same --arch/--cell/sizes)")
@@ -441,11 +446,22 @@ def run_subsampling(cfg: TrainConfig, source: dict | None) -> int:
     return _checkpoint_subsampling(source) if source is not None else ModelConfig.subsampling
 
 
+def run_cmn_window(cfg: TrainConfig, source: dict | None) -> int:
+    """The running-mean window a run trains with: the configured one, else that of the checkpoint it
+    starts from, else 0 (off)."""
+    if cfg.cmn_window >= 0:
+        return cfg.cmn_window
+    return FeatureConfig(**source["feature_config"]).cmn_window if source is not None else 0
+
+
 def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
     """The --teacher checkpoint, checked to share the student's features, vocabulary and
     subsampling (so their output frames line up). `cfg.subsampling` is the student's resolved
     rate (see run_subsampling)."""
     ckpt = read_checkpoint(cfg.teacher)
+    if fcfg.cmn_window or FeatureConfig(**ckpt["feature_config"]).cmn_window:
+        raise CheckpointError(f"--teacher {cfg.teacher}: distillation maps the student's features onto the "
+                              f"teacher's statistics, which a running mean (--cmn-window) does not allow")
     wrong = _front_end_mismatches(ckpt, fcfg, vocab)
     teacher_sub = _checkpoint_subsampling(ckpt)
     student_sub = cfg.subsampling
@@ -538,7 +554,9 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     init = _init_checkpoint(cfg, fcfg, vocab) if resume_ckpt is None and cfg.init_from else None
-    cfg = replace(cfg, subsampling=run_subsampling(cfg, resume_ckpt or init))
+    cfg = replace(cfg, subsampling=run_subsampling(cfg, resume_ckpt or init),
+                  cmn_window=run_cmn_window(cfg, resume_ckpt or init))
+    fcfg = replace(fcfg, cmn_window=cfg.cmn_window)
     if resume_ckpt is not None:
         stats = FeatureStats.from_dict(resume_ckpt["feature_stats"])
     elif init is not None:

@@ -16,7 +16,7 @@ from .audio import SAMPLE_RATE, iter_audio, iter_chunks
 from .beam import BeamConfig, EndpointedBeam, beam_decode
 from .checkpoint import LoadedModel
 from .decoding import Emission, GreedyCTCStream, Word, emissions_to_words
-from .features import OnlineLogMel, log_mel
+from .features import OnlineLogMel
 
 MAX_WINDOW_S = 30.0  # longest piece decoded at once by the offline model
 STEP_BLOCK_FRAMES = 3000  # causal models step through long input in 30 s feature blocks
@@ -124,7 +124,7 @@ def decode_blocks(lm: LoadedModel, blocks: Iterable[np.ndarray],
     words: list[Word] = []
     for a, piece in iter_windows(blocks, sample_rate=sr):
         n_samples = a + len(piece)
-        feats = lm.stats.normalize(log_mel(piece, lm.feature_config))
+        feats = lm.features(piece)
         if feats.shape[0] == 0:
             continue
         with torch.inference_mode():

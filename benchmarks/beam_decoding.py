@@ -32,13 +32,12 @@ def log_probs_of(lm, utts):
     import torch
 
     from asr.audio import load_audio
-    from asr.features import log_mel
 
     out, seconds = [], 0.0
     for u in utts:
         wave = load_audio(u.path, lm.feature_config.sample_rate)
         t0 = time.process_time()
-        feats = lm.stats.normalize(log_mel(wave, lm.feature_config))
+        feats = lm.features(wave)
         with torch.inference_mode():
             lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
         seconds += time.process_time() - t0

@@ -21,7 +21,6 @@ import torch
 from asr.audio import load_audio
 from asr.checkpoint import load_model
 from asr.data import sample_utterances, scan_corpus
-from asr.features import log_mel
 from asr.text import Vocab
 
 
@@ -29,7 +28,7 @@ def posteriors(lm, utts) -> list[torch.Tensor]:
     out = []
     with torch.no_grad():
         for u in utts:
-            feats = lm.stats.normalize(log_mel(load_audio(u.path), lm.feature_config))
+            feats = lm.features(load_audio(u.path))
             lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
             out.append(lp[0])
     return out

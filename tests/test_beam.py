@@ -82,12 +82,11 @@ def test_chunking_does_not_change_the_search(random_stream_model):
     from conftest import SAMPLES
 
     from asr.audio import load_audio
-    from asr.features import log_mel
 
     lm = random_stream_model
     wave = load_audio(SAMPLES / "9300-1-0088.flac")
     with torch.inference_mode():
-        feats = lm.stats.normalize(log_mel(wave, lm.feature_config))
+        feats = lm.features(wave)
         lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
     lp = lp[0]
     whole = beam_decode(lp, VOCAB)
@@ -204,12 +203,11 @@ def test_streaming_beam_without_endpoints_equals_one_search_over_the_file(overfi
 
     from asr.audio import load_audio
     from asr.checkpoint import load_model
-    from asr.features import log_mel
 
     lm = load_model(overfit_models["gru"])
     wave = load_audio(SAMPLES / "9301-1-0005.flac")
     with torch.inference_mode():
-        feats = lm.stats.normalize(log_mel(wave, lm.feature_config))
+        feats = lm.features(wave)
         lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
     expected = emissions_text(beam_decode(lp[0], lm.vocab), lm.vocab)
     events = _session_events(lm, wave, 1600, beam=BeamConfig(), endpoint_ms=None)

@@ -179,6 +179,10 @@ def _mutate(ck: dict, kind: str) -> dict:
         ck["feature_stats"] = {"mean": torch.zeros(40), "std": torch.ones(40)}
     elif kind == "vocab-wrong-size":
         ck["vocab"] = {"chars": "abc"}
+    elif kind == "negative-cmn-window":
+        ck["feature_config"] = {**ck["feature_config"], "cmn_window": -5}
+    elif kind == "cmn-window-not-int":
+        ck["feature_config"] = {**ck["feature_config"], "cmn_window": 2.5}
     elif kind == "huge-config":  # would need terabytes if we built it before checking
         ck["model_config"] = {**ck["model_config"], "hidden_size": 10**7}
     return ck
@@ -187,7 +191,7 @@ def _mutate(ck: dict, kind: str) -> dict:
 @pytest.mark.parametrize("kind", [
     "hidden-size", "bidirectional-flag", "missing-weight", "extra-weight", "unknown-config-key",
     "unknown-cell", "weights-not-tensors", "config-not-a-dict", "stats-wrong-size",
-    "vocab-wrong-size", "huge-config"])
+    "vocab-wrong-size", "negative-cmn-window", "cmn-window-not-int", "huge-config"])
 def test_wrong_architecture_gives_a_clear_error(tmp_path, kind):
     path = tmp_path / "wrong.pt"
     torch.save(_mutate(tiny_checkpoint(), kind), path)

@@ -14,6 +14,8 @@ from asr.features import (
     OnlineLogMel,
     StatsAccumulator,
     log_mel,
+    normalize_features,
+    subtract_running_mean,
 )
 
 CFG = FeatureConfig()
@@ -25,9 +27,10 @@ def speech() -> np.ndarray:
     return load_audio(SAMPLES / "9300-1-0088.flac")[: 20_837]
 
 
-def stream(wave: np.ndarray, cuts: list[int], stats: FeatureStats | None = None) -> torch.Tensor:
+def stream(wave: np.ndarray, cuts: list[int], stats: FeatureStats | None = None,
+           cfg: FeatureConfig = CFG) -> torch.Tensor:
     """Features of `wave` fed to OnlineLogMel in pieces split at `cuts`."""
-    fe = OnlineLogMel(CFG, stats)
+    fe = OnlineLogMel(cfg, stats)
     bounds = [0, *cuts, len(wave)]
     out = [fe.accept(wave[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     out.append(fe.finish())
@@ -116,3 +119,65 @@ def test_absurd_but_finite_amplitudes_give_finite_features():
     x = np.full(4000, 3e38, np.float32)
     x[::2] = -3e38
     assert torch.isfinite(log_mel(x, CFG)).all()
+
+
+# ----------------------------------------------------------------------------- running mean (CMN)
+
+CMN = FeatureConfig(cmn_window=300, cmn_prior=100)
+
+
+@pytest.fixture(scope="module")
+def sentences() -> tuple[np.ndarray, FeatureStats]:
+    """Three real sentences back to back (about 10 s) and global stats from them."""
+    wave = np.concatenate([load_audio(SAMPLES / f"{s}.flac") for s in ("9300-1-0088", "9300-1-0093",
+                                                                       "9302-1-0000")])
+    acc = StatsAccumulator(CFG.n_mels)
+    acc.add(log_mel(wave, CFG))
+    return wave, acc.stats()
+
+
+def test_running_mean_streams_exactly_like_the_whole_file(sentences):
+    """With cmn_window the streaming featurizer still reproduces the whole-file features for any
+    chunking: the running mean is carried across chunks, not restarted."""
+    wave, stats = sentences
+    offline = normalize_features(log_mel(wave, CMN), CMN, stats).numpy()
+    assert not np.allclose(offline, stats.normalize(log_mel(wave, CMN)).numpy(), atol=0.05)  # it acts
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        cuts = sorted(rng.choice(np.arange(1, len(wave)), size=rng.integers(1, 60), replace=False))
+        np.testing.assert_allclose(stream(wave, list(cuts), stats, CMN).numpy(), offline, atol=1e-4)
+    # the state alone carries it: two calls give exactly one call's result
+    x = stats.normalize(log_mel(wave, CMN))
+    whole, end = subtract_running_mean(x, CMN)
+    first, mid = subtract_running_mean(x[:333], CMN)
+    second, end2 = subtract_running_mean(x[333:], CMN, mid)
+    assert torch.equal(torch.cat([first, second]), whole)
+    assert end2.count == end.count == CMN.cmn_window and np.array_equal(end2.mean, end.mean)
+
+
+def test_running_mean_removes_a_change_of_recording_level(sentences):
+    """A quieter recording (-12 dB) shifts the global-normalised frames of every mel bin; the running
+    mean takes that shift out after the first second or two, as a new microphone or speaker level
+    needs. (Frames of digital silence sit at the log floor at any level, so the shift is a per-bin
+    average over frames, not a constant.)"""
+    wave, stats = sentences
+
+    def shift(cfg: FeatureConfig, frames: slice) -> float:
+        """Mean over bins of |mean over frames of (loud - quiet)|."""
+        loud = normalize_features(log_mel(wave, cfg), cfg, stats)
+        quiet = normalize_features(log_mel(wave * 0.25, cfg), cfg, stats)
+        return (loud - quiet)[frames].mean(0).abs().mean().item()
+
+    later = slice(200, None)  # after 2 s
+    assert shift(CFG, later) > 0.5
+    assert shift(CMN, later) < 0.15 * shift(CFG, later)
+    first = slice(0, 20)  # causal: the first frames cannot know the level yet
+    assert shift(CMN, first) > 0.8 * shift(CFG, first)
+
+
+def test_running_mean_is_off_by_default_and_needs_global_stats(speech, sentences):
+    _, stats = sentences
+    assert CFG.cmn_window == 0
+    assert torch.equal(normalize_features(log_mel(speech, CFG), CFG, stats), stats.normalize(log_mel(speech, CFG)))
+    # without stats (computing them) the raw log-mel is returned, running mean or not
+    assert torch.equal(normalize_features(log_mel(speech, CMN), CMN, None), log_mel(speech, CMN))

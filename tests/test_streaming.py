@@ -3,6 +3,8 @@ and the shared live loop (Ctrl-C flushes)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import jiwer
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from conftest import SAMPLES, sample_reference
 from asr.audio import load_audio, resample
 from asr.checkpoint import load_model
 from asr.decoding import GreedyCTCStream, emissions_to_words, greedy_decode
+from asr.features import FeatureConfig
 from asr.live import run_file_stream, run_stream
 from asr.streaming import StreamingSession
 from asr.text import Vocab
@@ -70,13 +73,25 @@ def test_any_chunk_size_equals_offline(random_stream_model, chunk_ms):
         assert session.seconds == pytest.approx(len(wave) / RATE)
 
 
+@pytest.mark.parametrize("cmn_window", [0, 300])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_chunkings_equal_offline(random_stream_model, seed):
+def test_random_chunkings_equal_offline(random_stream_model, seed, cmn_window):
+    """Any chunking gives the offline words, also with a running mean in the front end (cmn_window),
+    whose state the session carries from chunk to chunk."""
+    lm = replace(random_stream_model, feature_config=FeatureConfig(cmn_window=cmn_window))
     rng = np.random.default_rng(seed)
     wave = load_audio(SAMPLES / "9300-1-0087.flac")
     sizes = rng.integers(1, 6000, size=len(wave)).tolist()  # includes 1-sample and empty-frame pushes
-    events = feed(StreamingSession(random_stream_model, endpoint_ms=None), wave, sizes)
-    assert_same_as_offline(random_stream_model, wave, events)
+    events = feed(StreamingSession(lm, endpoint_ms=None), wave, sizes)
+    assert_same_as_offline(lm, wave, events)
+    # and the offline words are those of forward() over the whole file's features
+    feats = lm.features(wave)
+    with torch.no_grad():
+        lp, _ = lm.model(feats[None], torch.tensor([feats.shape[0]]))
+    dec = GreedyCTCStream()
+    dec.push(lp[0])
+    words = emissions_to_words(dec.emissions, lm.vocab, lm.frame_seconds, max_end_s=len(wave) / RATE)
+    assert word_tuples(finals(events)[0].words) == word_tuples(words)
 
 
 def test_real_model_stream_equals_offline_text(overfit_models):

@@ -410,3 +410,42 @@ def test_teacher_pulls_a_new_student_towards_its_posteriors(overfit_corpus, over
     assert not (tmp_path / "bad" / "checkpoints").exists()
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--distill-delay", "3"])
     assert r.exit_code == 1 and "need --teacher" in r.output and not (tmp_path / "bad").exists()
+
+
+def test_cmn_window_trains_on_the_features_it_transcribes_with_and_is_kept(overfit_corpus, overfit_models,
+                                                                           tmp_path):
+    """--cmn-window: the checkpoint records the running mean, so loading the model applies it; the
+    training batches were made with the very features inference computes; a run --init-from that
+    model keeps the setting unless told otherwise; distilling with it is a one-line error."""
+    from asr.checkpoint import load_model
+    from asr.data import SpeechDataset
+    from asr.features import normalize_features
+
+    args = ["train", "--train", str(overfit_corpus), "--hidden-size", "128", "--num-layers", "2",
+            "--conv-channels", "16", "--max-steps", "1", "--lr", "1e-9", "--warmup-steps", "1",
+            "--num-workers", "0", "--batch-seconds", "40"]
+
+    def run(name: str, *extra: str) -> Path:
+        r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+        return Path(r.output.split("model: ")[-1].strip())
+
+    path = run("cmn", "--cmn-window", "500", "--init-from", str(overfit_models["bigru"]))
+    lm = load_model(path)
+    assert lm.feature_config == FeatureConfig(cmn_window=500)
+    utts, _ = scan_corpus(overfit_corpus, Vocab())
+    wave = load_audio(utts[0].path)
+    feats = lm.features(wave)
+    torch.testing.assert_close(feats, normalize_features(log_mel(wave), lm.feature_config, lm.stats))
+    assert not torch.allclose(feats, lm.stats.normalize(log_mel(wave)), atol=0.05)
+    train_feats = SpeechDataset(utts, lm.vocab, lm.feature_config, lm.stats).features(0)
+    assert torch.equal(train_feats, feats)
+
+    assert load_model(run("kept", "--init-from", str(path))).feature_config.cmn_window == 500
+    assert load_model(run("off", "--init-from", str(path), "--cmn-window", "0")).feature_config.cmn_window == 0
+    assert load_model(run("fresh")).feature_config.cmn_window == 0
+
+    r = CliRunner().invoke(cli, [*args, "--arch", "gru", "--cmn-window", "500", "--out", str(tmp_path / "bad"),
+                                 "--teacher", str(overfit_models["bigru"])])
+    assert r.exit_code == 1 and "--cmn-window" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "bad" / "checkpoints").exists()
