@@ -312,6 +312,10 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--cmn-window", type=click.IntRange(min=0),
               help="Subtract a causal running mean from the normalised features, averaged over up to this "
                    "many 10 ms frames (0: off; e.g. 1000). Default: the --init-from model's, else off.")
+@click.option("--cmn-floor-gate", type=click.FloatRange(min=0),
+              help="With --cmn-window: only frames louder than a tracked noise floor by more than this "
+                   "(normalised units, e.g. 0.5) update the running mean, so pauses and steady noise do "
+                   "not drag it (0: every frame). Default: the --init-from model's, else 0.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=0), default=0, help="Stop after N steps (overrides --epochs).")
 @click.option("--batch-seconds", type=click.FloatRange(min=1), default=240.0, show_default=True)
@@ -346,7 +350,7 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--debug-ranks", is_flag=True, hidden=True)
 def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout, subsampling,
-          cmn_window, epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
+          cmn_window, cmn_floor_gate, epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
           teacher, distill_weight, distill_delay, device, threads,
           num_workers, eval_every, save_every, keep_last, log_every, skip_bad, resume, debug_ranks):
     """Train a CTC model on LibriSpeech-layout corpora (also under torchrun for several processes).
@@ -373,6 +377,7 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
     cfg = TrainConfig(train=tuple(train_paths), dev=tuple(dev_paths), out=out, arch=arch, cell=cell,
                       hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,
                       subsampling=int(subsampling or 0), cmn_window=-1 if cmn_window is None else cmn_window,
+                      cmn_floor_gate=-1.0 if cmn_floor_gate is None else cmn_floor_gate,
                       dropout=dropout, epochs=epochs, max_steps=max_steps,
                       batch_seconds=batch_seconds, lr=lr, warmup_steps=warmup_steps, seed=seed,
                       augment=not no_augment, augment_kinds=augment_kinds, init_from=init_from or "",

@@ -11,6 +11,7 @@ the stream, so it too is the same over a whole file and chunk by chunk.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -38,12 +39,21 @@ class FeatureConfig:
     # exponential average over `cmn_window` frames once that many have been seen
     cmn_window: int = 0
     cmn_prior: int = 100
+    # with cmn_window: only frames louder (mean over bins) than a tracked noise floor by more than
+    # this update the running mean, so pauses, silence and steady noise leave it alone (0: every
+    # frame updates it); the floor follows every dip at once and rises at most cmn_floor_rise a frame
+    cmn_floor_gate: float = 0.0
+    cmn_floor_rise: float = 0.002
 
     def __post_init__(self):
         for name in ("cmn_window", "cmn_prior"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("cmn_floor_gate", "cmn_floor_rise"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,10 +146,12 @@ class FeatureStats:
 
 @dataclass
 class RunningMean:
-    """Streaming state of `subtract_running_mean`: the mean so far and its frame count."""
+    """Streaming state of `subtract_running_mean`: the mean so far, its frame count and the noise
+    floor (with `cmn_floor_gate`)."""
 
     mean: np.ndarray  # (F,) float32
     count: int
+    floor: float | None = None  # frame energy floor; None before the first frame
 
 
 def subtract_running_mean(feats: Tensor, cfg: FeatureConfig,
@@ -149,18 +161,27 @@ def subtract_running_mean(feats: Tensor, cfg: FeatureConfig,
     Frame t is reduced by m_t = m_{t-1} + (x_t - m_{t-1}) / n_t with n_t = min(n_{t-1} + 1, cmn_window),
     m = 0 and n = cmn_prior before the first frame. The frames are taken one by one, so the result
     does not depend on how a stream is split into calls. A speaker's or a microphone's constant offset
-    in log-mel space (level, channel colouring) fades out within about a second.
+    in log-mel space (level, channel colouring) fades out within about a second. With
+    `cmn_floor_gate` g > 0, frame t updates m and n only if its energy e_t (mean over bins) exceeds
+    the floor f_t = min(e_t, f_{t-1} + cmn_floor_rise) by more than g (f = e at the first frame).
     """
     if state is None:
         state = RunningMean(np.zeros(cfg.n_mels, dtype=np.float32), cfg.cmn_prior)
     x = feats.detach().to(torch.float32).numpy()
     out = np.empty_like(x)
-    mean, count = state.mean.copy(), state.count
+    mean, count, floor = state.mean.copy(), state.count, state.floor
+    gate, rise = cfg.cmn_floor_gate, cfg.cmn_floor_rise
     for t in range(x.shape[0]):
+        if gate:
+            e = float(x[t].mean())
+            floor = e if floor is None else min(e, floor + rise)
+            if e <= floor + gate:
+                out[t] = x[t] - mean
+                continue
         count = min(count + 1, cfg.cmn_window)
         mean += (x[t] - mean) / np.float32(count)
         out[t] = x[t] - mean
-    return torch.from_numpy(out), RunningMean(mean, count)
+    return torch.from_numpy(out), RunningMean(mean, count, floor)
 
 
 def normalize_features(feats: Tensor, cfg: FeatureConfig, stats: FeatureStats | None) -> Tensor:

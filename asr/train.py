@@ -71,6 +71,7 @@ class TrainConfig:
     subsampling: int = 0  # input frames per output frame: 4 (40 ms) or 2 (20 ms); 0: init_from's, else 4
     dropout: float = 0.15  # recurrent/classifier dropout
     cmn_window: int = -1  # causal mean normalisation window in frames (FeatureConfig; 0: off); -1: init_from's, else off
+    cmn_floor_gate: float = -1.0  # its noise-floor gate (FeatureConfig; 0: off); -1: init_from's, else off
     epochs: int = 10  # passes over the (weighted) training data, unless max_steps is set
     max_steps: int = 0  # stop after this many optimizer steps (0: use epochs)
     batch_seconds: float = 240.0  # padded audio seconds per batch (per rank)
@@ -372,7 +373,8 @@ def _front_end_mismatches(ckpt: dict, fcfg: FeatureConfig, vocab: Vocab, any_cmn
     wrong = []
     theirs = FeatureConfig(**ckpt["feature_config"])
     if any_cmn:
-        theirs = replace(theirs, cmn_window=fcfg.cmn_window, cmn_prior=fcfg.cmn_prior)
+        theirs = replace(theirs, cmn_window=fcfg.cmn_window, cmn_prior=fcfg.cmn_prior,
+                         cmn_floor_gate=fcfg.cmn_floor_gate, cmn_floor_rise=fcfg.cmn_floor_rise)
     if theirs != fcfg:
         wrong.append("its feature settings")
     if ckpt["vocab"] != vocab.to_dict():
@@ -446,12 +448,16 @@ def run_subsampling(cfg: TrainConfig, source: dict | None) -> int:
     return _checkpoint_subsampling(source) if source is not None else ModelConfig.subsampling
 
 
-def run_cmn_window(cfg: TrainConfig, source: dict | None) -> int:
-    """The running-mean window a run trains with: the configured one, else that of the checkpoint it
-    starts from, else 0 (off)."""
-    if cfg.cmn_window >= 0:
-        return cfg.cmn_window
-    return FeatureConfig(**source["feature_config"]).cmn_window if source is not None else 0
+def run_cmn(cfg: TrainConfig, source: dict | None) -> tuple[int, float]:
+    """The running-mean window and noise-floor gate a run trains with: each the configured one, else
+    that of the checkpoint it starts from (the gate only while there is a running mean), else 0 (off)."""
+    theirs = FeatureConfig(**source["feature_config"]) if source is not None else FeatureConfig()
+    window = cfg.cmn_window if cfg.cmn_window >= 0 else theirs.cmn_window
+    if cfg.cmn_floor_gate >= 0:
+        if cfg.cmn_floor_gate and not window:
+            raise ValueError("--cmn-floor-gate gates the running mean: it needs --cmn-window too")
+        return window, cfg.cmn_floor_gate
+    return window, theirs.cmn_floor_gate if window else 0.0
 
 
 def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: FeatureStats) -> Teacher:
@@ -554,9 +560,10 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     init = _init_checkpoint(cfg, fcfg, vocab) if resume_ckpt is None and cfg.init_from else None
-    cfg = replace(cfg, subsampling=run_subsampling(cfg, resume_ckpt or init),
-                  cmn_window=run_cmn_window(cfg, resume_ckpt or init))
-    fcfg = replace(fcfg, cmn_window=cfg.cmn_window)
+    window, gate = run_cmn(cfg, resume_ckpt or init)
+    cfg = replace(cfg, subsampling=run_subsampling(cfg, resume_ckpt or init), cmn_window=window,
+                  cmn_floor_gate=gate)
+    fcfg = replace(fcfg, cmn_window=cfg.cmn_window, cmn_floor_gate=cfg.cmn_floor_gate)
     if resume_ckpt is not None:
         stats = FeatureStats.from_dict(resume_ckpt["feature_stats"])
     elif init is not None:

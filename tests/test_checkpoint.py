@@ -183,6 +183,8 @@ def _mutate(ck: dict, kind: str) -> dict:
         ck["feature_config"] = {**ck["feature_config"], "cmn_window": -5}
     elif kind == "cmn-window-not-int":
         ck["feature_config"] = {**ck["feature_config"], "cmn_window": 2.5}
+    elif kind == "negative-floor-gate":
+        ck["feature_config"] = {**ck["feature_config"], "cmn_floor_gate": -0.5}
     elif kind == "huge-config":  # would need terabytes if we built it before checking
         ck["model_config"] = {**ck["model_config"], "hidden_size": 10**7}
     return ck
@@ -191,7 +193,8 @@ def _mutate(ck: dict, kind: str) -> dict:
 @pytest.mark.parametrize("kind", [
     "hidden-size", "bidirectional-flag", "missing-weight", "extra-weight", "unknown-config-key",
     "unknown-cell", "weights-not-tensors", "config-not-a-dict", "stats-wrong-size",
-    "vocab-wrong-size", "negative-cmn-window", "cmn-window-not-int", "huge-config"])
+    "vocab-wrong-size", "negative-cmn-window", "cmn-window-not-int", "negative-floor-gate",
+    "huge-config"])
 def test_wrong_architecture_gives_a_clear_error(tmp_path, kind):
     path = tmp_path / "wrong.pt"
     torch.save(_mutate(tiny_checkpoint(), kind), path)

@@ -136,23 +136,47 @@ def sentences() -> tuple[np.ndarray, FeatureStats]:
     return wave, acc.stats()
 
 
-def test_running_mean_streams_exactly_like_the_whole_file(sentences):
-    """With cmn_window the streaming featurizer still reproduces the whole-file features for any
-    chunking: the running mean is carried across chunks, not restarted."""
+GATED = FeatureConfig(cmn_window=300, cmn_prior=100, cmn_floor_gate=0.5)
+
+
+@pytest.mark.parametrize("cfg", [CMN, GATED], ids=["cmn", "cmn-floor-gate"])
+def test_running_mean_streams_exactly_like_the_whole_file(sentences, cfg):
+    """With cmn_window (and its noise-floor gate) the streaming featurizer still reproduces the
+    whole-file features for any chunking: the running mean is carried across chunks, not restarted."""
     wave, stats = sentences
-    offline = normalize_features(log_mel(wave, CMN), CMN, stats).numpy()
-    assert not np.allclose(offline, stats.normalize(log_mel(wave, CMN)).numpy(), atol=0.05)  # it acts
+    offline = normalize_features(log_mel(wave, cfg), cfg, stats).numpy()
+    assert not np.allclose(offline, stats.normalize(log_mel(wave, cfg)).numpy(), atol=0.05)  # it acts
     rng = np.random.default_rng(1)
     for _ in range(3):
         cuts = sorted(rng.choice(np.arange(1, len(wave)), size=rng.integers(1, 60), replace=False))
-        np.testing.assert_allclose(stream(wave, list(cuts), stats, CMN).numpy(), offline, atol=1e-4)
+        np.testing.assert_allclose(stream(wave, list(cuts), stats, cfg).numpy(), offline, atol=1e-4)
     # the state alone carries it: two calls give exactly one call's result
-    x = stats.normalize(log_mel(wave, CMN))
-    whole, end = subtract_running_mean(x, CMN)
-    first, mid = subtract_running_mean(x[:333], CMN)
-    second, end2 = subtract_running_mean(x[333:], CMN, mid)
+    x = stats.normalize(log_mel(wave, cfg))
+    whole, end = subtract_running_mean(x, cfg)
+    first, mid = subtract_running_mean(x[:333], cfg)
+    second, end2 = subtract_running_mean(x[333:], cfg, mid)
     assert torch.equal(torch.cat([first, second]), whole)
-    assert end2.count == end.count == CMN.cmn_window and np.array_equal(end2.mean, end.mean)
+    assert end2.count == end.count and np.array_equal(end2.mean, end.mean) and end2.floor == end.floor
+
+
+@pytest.mark.parametrize("lead", ["digital silence", "noise"])
+def test_floor_gate_keeps_pauses_and_steady_noise_out_of_the_running_mean(sentences, lead):
+    """15 s without speech before a sentence drags a plain running mean away from speech, so the
+    sentence's features change; with the noise-floor gate the lead-in leaves the mean where it was
+    and the sentence comes out much as it does alone."""
+    wave, stats = sentences
+    n = 15 * 16000
+    pre = np.zeros(n, np.float32) if lead == "digital silence" else \
+        (np.random.default_rng(0).standard_normal(n) * 10 ** (-55 / 20)).astype(np.float32)
+
+    def shift(cfg: FeatureConfig) -> float:
+        """Mean |difference| of the sentence's first 2 s of frames with and without the lead-in."""
+        alone = normalize_features(log_mel(wave, cfg), cfg, stats)
+        led = normalize_features(log_mel(np.concatenate([pre, wave]), cfg), cfg, stats)[n // 160:]
+        return (led - alone)[:200].abs().mean().item()
+
+    assert shift(CMN) > 0.4
+    assert shift(GATED) < 0.1 * shift(CMN)
 
 
 def test_running_mean_removes_a_change_of_recording_level(sentences):

@@ -73,12 +73,14 @@ def test_any_chunk_size_equals_offline(random_stream_model, chunk_ms):
         assert session.seconds == pytest.approx(len(wave) / RATE)
 
 
-@pytest.mark.parametrize("cmn_window", [0, 300])
+@pytest.mark.parametrize("fcfg", [FeatureConfig(), FeatureConfig(cmn_window=300),
+                                  FeatureConfig(cmn_window=300, cmn_floor_gate=0.5)],
+                         ids=["global", "cmn", "cmn-floor-gate"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_chunkings_equal_offline(random_stream_model, seed, cmn_window):
-    """Any chunking gives the offline words, also with a running mean in the front end (cmn_window),
-    whose state the session carries from chunk to chunk."""
-    lm = replace(random_stream_model, feature_config=FeatureConfig(cmn_window=cmn_window))
+def test_random_chunkings_equal_offline(random_stream_model, seed, fcfg):
+    """Any chunking gives the offline words, also with a running mean in the front end (cmn_window,
+    optionally gated), whose state the session carries from chunk to chunk."""
+    lm = replace(random_stream_model, feature_config=fcfg)
     rng = np.random.default_rng(seed)
     wave = load_audio(SAMPLES / "9300-1-0087.flac")
     sizes = rng.integers(1, 6000, size=len(wave)).tolist()  # includes 1-sample and empty-frame pushes

@@ -414,9 +414,10 @@ def test_teacher_pulls_a_new_student_towards_its_posteriors(overfit_corpus, over
 
 def test_cmn_window_trains_on_the_features_it_transcribes_with_and_is_kept(overfit_corpus, overfit_models,
                                                                            tmp_path):
-    """--cmn-window: the checkpoint records the running mean, so loading the model applies it; the
-    training batches were made with the very features inference computes; a run --init-from that
-    model keeps the setting unless told otherwise; distilling with it is a one-line error."""
+    """--cmn-window (and its --cmn-floor-gate): the checkpoint records the running mean, so loading
+    the model applies it; the training batches were made with the very features inference computes;
+    a run --init-from that model keeps the settings unless told otherwise; distilling with it, or a
+    gate without a running mean, is a one-line error."""
     from asr.checkpoint import load_model
     from asr.data import SpeechDataset
     from asr.features import normalize_features
@@ -430,9 +431,9 @@ def test_cmn_window_trains_on_the_features_it_transcribes_with_and_is_kept(overf
         assert r.exit_code == 0, r.output
         return Path(r.output.split("model: ")[-1].strip())
 
-    path = run("cmn", "--cmn-window", "500", "--init-from", str(overfit_models["bigru"]))
+    path = run("cmn", "--cmn-window", "500", "--cmn-floor-gate", "0.5", "--init-from", str(overfit_models["bigru"]))
     lm = load_model(path)
-    assert lm.feature_config == FeatureConfig(cmn_window=500)
+    assert lm.feature_config == FeatureConfig(cmn_window=500, cmn_floor_gate=0.5)
     utts, _ = scan_corpus(overfit_corpus, Vocab())
     wave = load_audio(utts[0].path)
     feats = lm.features(wave)
@@ -441,9 +442,13 @@ def test_cmn_window_trains_on_the_features_it_transcribes_with_and_is_kept(overf
     train_feats = SpeechDataset(utts, lm.vocab, lm.feature_config, lm.stats).features(0)
     assert torch.equal(train_feats, feats)
 
-    assert load_model(run("kept", "--init-from", str(path))).feature_config.cmn_window == 500
-    assert load_model(run("off", "--init-from", str(path), "--cmn-window", "0")).feature_config.cmn_window == 0
-    assert load_model(run("fresh")).feature_config.cmn_window == 0
+    assert load_model(run("kept", "--init-from", str(path))).feature_config == lm.feature_config
+    assert load_model(run("off", "--init-from", str(path), "--cmn-window", "0")).feature_config == FeatureConfig()
+    assert load_model(run("fresh")).feature_config == FeatureConfig()
+
+    r = CliRunner().invoke(cli, [*args, "--cmn-floor-gate", "0.5", "--out", str(tmp_path / "nogate")])
+    assert r.exit_code == 1 and "needs --cmn-window" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "nogate" / "checkpoints").exists()
 
     r = CliRunner().invoke(cli, [*args, "--arch", "gru", "--cmn-window", "500", "--out", str(tmp_path / "bad"),
                                  "--teacher", str(overfit_models["bigru"])])
