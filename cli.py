@@ -350,8 +350,8 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--debug-ranks", is_flag=True, hidden=True)
 def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout, subsampling,
-          cmn_window, cmn_floor_gate, epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment, augment_kinds, init_from,
-          teacher, distill_weight, distill_delay, device, threads,
+          cmn_window, cmn_floor_gate, epochs, max_steps, batch_seconds, lr, warmup_steps, seed, no_augment,
+          augment_kinds, init_from, teacher, distill_weight, distill_delay, device, threads,
           num_workers, eval_every, save_every, keep_last, log_every, skip_bad, resume, debug_ranks):
     """Train a CTC model on LibriSpeech-layout corpora (also under torchrun for several processes).
 

@@ -137,6 +137,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def checkpoint_feature_config(ckpt: dict, path: str = "") -> FeatureConfig:
+    """The feature settings of a checkpoint read with read_checkpoint; CheckpointError if unusable."""
+    try:
+        return FeatureConfig(**ckpt["feature_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint has unusable feature settings ({e})") from None
+
+
 def model_from_checkpoint(ckpt: dict, path: str = "") -> LoadedModel:
     try:
         mcfg = ModelConfig(**ckpt["model_config"])

@@ -34,6 +34,7 @@ from .checkpoint import (
     CheckpointError,
     LoadedModel,
     atomic_save,
+    checkpoint_feature_config,
     make_checkpoint,
     model_from_checkpoint,
     read_checkpoint,
@@ -367,11 +368,12 @@ def _resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
                    skip_bad=cfg.skip_bad or base.skip_bad)
 
 
-def _front_end_mismatches(ckpt: dict, fcfg: FeatureConfig, vocab: Vocab, any_cmn: bool = False) -> list[str]:
+def _front_end_mismatches(ckpt: dict, path: str, fcfg: FeatureConfig, vocab: Vocab,
+                          any_cmn: bool = False) -> list[str]:
     """What of a checkpoint's features and vocabulary differs from this run's (empty: it fits).
     `any_cmn`: the running-mean setting may differ (fine-tuning onto it, or off it)."""
     wrong = []
-    theirs = FeatureConfig(**ckpt["feature_config"])
+    theirs = checkpoint_feature_config(ckpt, path)
     if any_cmn:
         theirs = replace(theirs, cmn_window=fcfg.cmn_window, cmn_prior=fcfg.cmn_prior,
                          cmn_floor_gate=fcfg.cmn_floor_gate, cmn_floor_rise=fcfg.cmn_floor_rise)
@@ -390,7 +392,7 @@ def _init_checkpoint(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab) -> dic
             "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers}
     got = ckpt["model_config"]
     wrong = [f"{k} {got.get(k)!r} (not {v!r})" for k, v in want.items() if got.get(k) != v]
-    wrong += _front_end_mismatches(ckpt, fcfg, vocab, any_cmn=True)
+    wrong += _front_end_mismatches(ckpt, cfg.init_from, fcfg, vocab, any_cmn=True)
     if wrong:
         raise CheckpointError(f"--init-from {cfg.init_from}: does not fit this model: it has "
                               + ", ".join(wrong) + " (pass the same --arch/--cell/sizes)")
@@ -451,7 +453,7 @@ def run_subsampling(cfg: TrainConfig, source: dict | None) -> int:
 def run_cmn(cfg: TrainConfig, source: dict | None) -> tuple[int, float]:
     """The running-mean window and noise-floor gate a run trains with: each the configured one, else
     that of the checkpoint it starts from (the gate only while there is a running mean), else 0 (off)."""
-    theirs = FeatureConfig(**source["feature_config"]) if source is not None else FeatureConfig()
+    theirs = checkpoint_feature_config(source, cfg.init_from or cfg.out) if source is not None else FeatureConfig()
     window = cfg.cmn_window if cfg.cmn_window >= 0 else theirs.cmn_window
     if cfg.cmn_floor_gate >= 0:
         if cfg.cmn_floor_gate and not window:
@@ -465,10 +467,10 @@ def load_teacher(cfg: TrainConfig, fcfg: FeatureConfig, vocab: Vocab, stats: Fea
     subsampling (so their output frames line up). `cfg.subsampling` is the student's resolved
     rate (see run_subsampling)."""
     ckpt = read_checkpoint(cfg.teacher)
-    if fcfg.cmn_window or FeatureConfig(**ckpt["feature_config"]).cmn_window:
+    if fcfg.cmn_window or checkpoint_feature_config(ckpt, cfg.teacher).cmn_window:
         raise CheckpointError(f"--teacher {cfg.teacher}: distillation maps the student's features onto the "
                               f"teacher's statistics, which a running mean (--cmn-window) does not allow")
-    wrong = _front_end_mismatches(ckpt, fcfg, vocab)
+    wrong = _front_end_mismatches(ckpt, cfg.teacher, fcfg, vocab)
     teacher_sub = _checkpoint_subsampling(ckpt)
     student_sub = cfg.subsampling
     if teacher_sub != student_sub:

@@ -454,3 +454,21 @@ def test_cmn_window_trains_on_the_features_it_transcribes_with_and_is_kept(overf
                                  "--teacher", str(overfit_models["bigru"])])
     assert r.exit_code == 1 and "--cmn-window" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_init_from_or_teacher_with_unusable_feature_settings_is_one_line(overfit_corpus, overfit_models, tmp_path):
+    """A checkpoint whose feature settings cannot be read (an unknown key, a negative running-mean
+    window) is refused in one line when named by --init-from or --teacher, before anything is written."""
+    args = ["train", "--train", str(overfit_corpus), "--hidden-size", "128", "--num-layers", "2",
+            "--conv-channels", "16", "--max-steps", "1", "--num-workers", "0", "--batch-seconds", "40"]
+    for i, bad in enumerate(({"window_fn": "hamming"}, {"cmn_window": -5})):
+        ck = read_checkpoint(overfit_models["bigru"])
+        ck["feature_config"] = {**ck["feature_config"], **bad}
+        path = tmp_path / f"bad{i}.pt"
+        torch.save(ck, path)
+        for opt in ("--init-from", "--teacher"):
+            out = tmp_path / f"run{i}{opt}"
+            r = CliRunner().invoke(cli, [*args, "--out", str(out), opt, str(path)])
+            assert r.exit_code == 1, r.output
+            assert "unusable feature settings" in r.output and "Traceback" not in r.output
+            assert not (out / "checkpoints").exists()
