@@ -89,12 +89,18 @@ def decoder_options(fn):
 
 
 def streaming_options(note: str = ""):
-    """--chunk-ms and --endpoint-ms, shared by `transcribe --stream` and `listen`."""
+    """--chunk-ms, --endpoint-ms and --speaker-changes, shared by `transcribe --stream` and
+    `listen`."""
     chunk = click.option("--chunk-ms", type=click.IntRange(min=10), default=100, show_default=True,
                          help=f"Audio chunk size{note}.")
     endpoint = click.option("--endpoint-ms", type=click.IntRange(min=40), default=800,
                             show_default=True, help=f"Trailing silence that closes an utterance{note}.")
-    return lambda fn: chunk(endpoint(fn))
+    speakers = click.option("--speaker-changes", is_flag=True,
+                            help=f"The speaker may change at pauses (a meeting, a broadcast): "
+                            f"the model's running mean starts afresh at each endpoint instead of "
+                            f"carrying the last voice's for about its window (10 s in the shipped "
+                            f"models; no effect on a model without one){note}.")
+    return lambda fn: chunk(endpoint(speakers(fn)))
 
 
 precision_option = click.option(  # the choices are asr.model.PRECISIONS (kept torch-free here)
@@ -156,7 +162,7 @@ def cli():
 @precision_option
 @decoder_options
 def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, realtime, chunk_ms,
-               endpoint_ms, precision, decoding):
+               endpoint_ms, speaker_changes, precision, decoding):
     """Transcribe audio files (WAV, FLAC, Ogg Vorbis/Opus, MP3; any rate and channel count).
 
     \b
@@ -212,7 +218,8 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
                                 realtime=realtime, beam=beam,
                                 echo=fmt == "jsonl" or (output_dir is None and fmt == "txt"),
                                 fmt="jsonl" if fmt == "jsonl" else "text", out=events,
-                                extra={"file": path} if fmt == "jsonl" else None)
+                                extra={"file": path} if fmt == "jsonl" else None,
+                                restart_mean_on_endpoint=speaker_changes)
         if events is not None:
             text = events.getvalue()
         elif stream and fmt == "jsonl":
@@ -247,8 +254,8 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
 @click.option("--save-audio", type=click.Path(dir_okay=False), help="Also save the audio (16-bit WAV).")
 @precision_option
 @decoder_options
-def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, fmt, max_seconds, save_audio,
-           precision, decoding):
+def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, speaker_changes, fmt,
+           max_seconds, save_audio, precision, decoding):
     """Transcribe the microphone live; Ctrl-C finishes the current utterance and stops.
 
     \b
@@ -274,7 +281,8 @@ def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, fmt, m
             click.echo(f"listening on {mic.device.name!r} at {mic.sample_rate} Hz "
                        f"(Ctrl-C to stop)", err=True)
             r = run_listen(lm, mic, fmt or ("text" if sys.stdout.isatty() else "jsonl"),
-                           endpoint_ms, max_seconds, save_audio, beam=beam)
+                           endpoint_ms, max_seconds, save_audio, beam=beam,
+                           restart_mean_on_endpoint=speaker_changes)
     except (MicrophoneError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:  # before capture started; during it, listen() handles Ctrl-C

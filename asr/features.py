@@ -219,7 +219,7 @@ class OnlineLogMel:
     """Streaming log-mel: accepts samples in chunks of any size and emits normalised frames.
 
     State: the unconsumed sample tail (shorter than n_fft), the number of samples seen and, with
-    `cmn_window`, the running mean.
+    `cmn_window`, the running mean (`restart_mean()` starts it afresh when the speaker may change).
     """
 
     def __init__(self, cfg: FeatureConfig, stats: FeatureStats | None = None):
@@ -232,6 +232,17 @@ class OnlineLogMel:
         self._n_samples = 0  # samples accepted so far
         self._n_frames = 0  # frames emitted so far
         self._mean: RunningMean | None = None  # running-mean state (cmn_window models)
+
+    @property
+    def running_mean(self) -> RunningMean | None:
+        """The running mean's state (None without `cmn_window` or before the first frame)."""
+        return self._mean
+
+    def restart_mean(self) -> None:
+        """Start the running mean (and its noise floor) afresh, as at the start of a stream, while
+        the sample stream itself goes on: for a new speaker, whose level and colouring the old
+        mean would otherwise carry over for about its window. No effect without `cmn_window`."""
+        self._mean = None
 
     def _out(self, feats: Tensor) -> Tensor:
         self._n_frames += feats.shape[0]

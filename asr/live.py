@@ -99,12 +99,14 @@ def paced(wave: np.ndarray, chunk_samples: int, sample_rate: int, realtime: bool
 def run_file_stream(lm: LoadedModel, wave: np.ndarray, chunk_ms: int = 100,
                     endpoint_ms: float | None = 800.0, realtime: bool = False, echo: bool = True,
                     fmt: str = "text", beam: BeamConfig | None = None, out: TextIO | None = None,
-                    extra: dict | None = None) -> Transcript:
+                    extra: dict | None = None, restart_mean_on_endpoint: bool = False) -> Transcript:
     """A file through the live path; prints events as `listen` would when `echo` (to `out`,
     default stdout; `extra`: fields added to each jsonl event).
-    `beam`: beam search with a word LM instead of greedy decoding."""
+    `beam`: beam search with a word LM instead of greedy decoding; `restart_mean_on_endpoint`: see
+    `StreamingSession`."""
     rate = lm.feature_config.sample_rate
-    session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam, partials=echo)
+    session = StreamingSession(lm, endpoint_ms=endpoint_ms, beam=beam, partials=echo,
+                               restart_mean_on_endpoint=restart_mean_on_endpoint)
     printer = EventPrinter(fmt, out, extra) if echo else None
     t0 = time.perf_counter()
     finals = run_stream(session, paced(wave, rate * chunk_ms // 1000, rate, realtime), printer)
@@ -196,14 +198,16 @@ def _stderr_line(msg: str) -> None:
 def listen(lm: LoadedModel, mic, fmt: str = "text", endpoint_ms: float | None = 800.0,
            max_seconds: float | None = None, save_audio: str | os.PathLike | None = None,
            out: TextIO | None = None, beam: BeamConfig | None = None,
-           warn: Callable[[str], None] = _stderr_line) -> ListenResult:
+           warn: Callable[[str], None] = _stderr_line,
+           restart_mean_on_endpoint: bool = False) -> ListenResult:
     """Transcribe an open `asr.mic.Microphone` live until max_seconds, Ctrl-C or device loss.
 
     Ctrl-C is not an error: the current utterance is flushed and printed, the result says
     interrupted. The audio is saved (atomically) to `save_audio` in every case. Input overflows
     never stop the session: they are counted and reported through `warn` (rate-limited).
     """
-    session = StreamingSession(lm, sample_rate=mic.sample_rate, endpoint_ms=endpoint_ms, beam=beam)
+    session = StreamingSession(lm, sample_rate=mic.sample_rate, endpoint_ms=endpoint_ms, beam=beam,
+                               restart_mean_on_endpoint=restart_mean_on_endpoint)
     printer = EventPrinter(fmt, out)
     n_final = 0
 

@@ -51,6 +51,11 @@ class StreamingSession:
             flush() closes an utterance).
         reset_on_endpoint: also reset the model's hidden state at each endpoint. Off by default:
             keeping it was measured to give fewer errors (see the README's streaming section).
+        restart_mean_on_endpoint: for streams whose speaker may change at a pause: at each
+            endpoint the front end's running mean (models trained with one) starts afresh instead
+            of carrying the last speaker's into the next utterance. Off by default (measured in the
+            README's streaming section); with it on, a stream's text no longer equals offline
+            decoding of the whole stream.
         beam: decode with a beam search and a word LM instead of greedily: partial texts are the
             search's best path so far, and each final text equals the offline beam result on the
             utterance (greedy best tokens still decide the endpoints).
@@ -60,7 +65,8 @@ class StreamingSession:
 
     def __init__(self, lm: LoadedModel, sample_rate: int | None = None,
                  endpoint_ms: float | None = 800.0, reset_on_endpoint: bool = False,
-                 beam: BeamConfig | None = None, partials: bool = True):
+                 beam: BeamConfig | None = None, partials: bool = True,
+                 restart_mean_on_endpoint: bool = False):
         if lm.model.cfg.bidirectional:
             raise ValueError(f"{lm.path or 'model'}: a bidirectional model cannot stream; "
                              f"use a unidirectional model such as models/gru-stream.pt")
@@ -71,6 +77,7 @@ class StreamingSession:
         self.sample_rate = int(sample_rate or self.model_rate)
         self.endpoint_ms = endpoint_ms
         self.reset_on_endpoint = reset_on_endpoint
+        self.restart_mean_on_endpoint = restart_mean_on_endpoint
         self.beam_config = beam
         self.frame_s = lm.frame_seconds
         # output frames of non-speech that close an utterance
@@ -156,6 +163,8 @@ class StreamingSession:
         self._last_partial = ""
         if self.reset_on_endpoint:
             self.state = self.lm.model.init_state(device=self.lm.device)
+        if self.restart_mean_on_endpoint:
+            self.featurizer.restart_mean()
         return ev
 
     def push(self, samples: np.ndarray) -> list[StreamEvent]:

@@ -165,8 +165,10 @@ def memory(lm, program, minutes: list[float], chunk_ms: int = 100,
 
 
 def endpoint_state(lm, data: list[str], n_utts: int, group: int) -> list[tuple[str, object, int]]:
-    """WER of keeping vs resetting the hidden state at endpoints, on dev utterances joined by
-    silence `group` at a time; and of each utterance decoded alone, for reference."""
+    """WER of keeping the state at endpoints vs resetting the hidden state vs restarting the
+    running mean, on dev utterances joined by quiet noise `group` at a time (in id order: one speaker
+    per stream where a corpus has several utterances per speaker, as synth dev; four in
+    librispeech-dev); and of each utterance decoded alone, for reference."""
     from asr.audio import load_audio
     from asr.data import load_corpora
     from asr.evaluate import error_counts
@@ -183,10 +185,12 @@ def endpoint_state(lm, data: list[str], n_utts: int, group: int) -> list[tuple[s
         streams.append(np.concatenate([x for i in g for x in (
             waves[i], (1e-3 * rng.standard_normal(int(GAP_S * RATE))).astype(np.float32))]))
     rows = []
-    for label, reset in (("kept (default)", False), ("reset at each endpoint", True)):
+    for label, kw in (("kept (default)", {}), ("reset at each endpoint", {"reset_on_endpoint": True}),
+                      ("kept, running mean restarted at each endpoint (--speaker-changes)",
+                       {"restart_mean_on_endpoint": True})):
         hyps, n_final = [], 0
         for joined in streams:
-            session = StreamingSession(lm, reset_on_endpoint=reset)
+            session = StreamingSession(lm, **kw)
             finals = [e for s in range(0, len(joined), RATE // 10)
                       for e in session.push(joined[s:s + RATE // 10]) if e.kind == "final"]
             finals += session.flush()
@@ -221,8 +225,8 @@ def main() -> None:
                     help="decoders to time (beam: word LM beam search, the CLI default); memory "
                          "is measured with the last")
     ap.add_argument("--state-data", nargs="*", default=[],
-                    help="dev corpus folder(s): also compare keeping and resetting the hidden "
-                         "state at endpoints (WER)")
+                    help="dev corpus folder(s): also compare keeping the state at endpoints "
+                         "with resetting the hidden state or restarting the running mean (WER)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1],
                     help="torch threads for the timings (default: 1, as the CLI streams)")
     ap.add_argument("--busy", type=int, default=0,
@@ -279,7 +283,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     if args.state_data:
-        print(f"\n| hidden state at endpoints ({args.state_group} utterances per stream, "
+        print(f"\n| state at endpoints ({args.state_group} utterances per stream, "
               f"{GAP_S} s pauses) | precision | WER | CER | final events |")
         print("|---|---|---:|---:|---:|")
         for precision, lm in models.items():

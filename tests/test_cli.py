@@ -189,6 +189,25 @@ def test_stream_needs_a_unidirectional_model(overfit_models):
     assert "--stream needs a unidirectional model" in r.stderr
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_speaker_changes_reaches_the_streaming_session(overfit_models, monkeypatch, flag):
+    """`--speaker-changes` turns on the session's running-mean restart at endpoints (its effect:
+    tests/test_streaming.py, tests/test_features.py); without it the session keeps the mean."""
+    import asr.live
+
+    seen = []
+
+    class Spy(asr.live.StreamingSession):
+        def __init__(self, *a, **kw):
+            seen.append(kw.get("restart_mean_on_endpoint", False))
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(asr.live, "StreamingSession", Spy)
+    ok(transcribe("--stream", *(["--speaker-changes"] if flag else []), "--model",
+                  overfit_models["gru"], AUDIO))
+    assert seen == [flag]
+
+
 def _events(jsonl: str, path) -> list[dict]:
     events = [json.loads(line) for line in jsonl.splitlines()]
     assert events and all(e["file"] == str(path) for e in events)

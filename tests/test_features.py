@@ -199,6 +199,35 @@ def test_running_mean_removes_a_change_of_recording_level(sentences):
     assert shift(CMN, first) > 0.8 * shift(CFG, first)
 
 
+def test_restart_mean_drops_the_previous_speakers_level(sentences):
+    """After 18 s at one level, a recording 12 dB quieter (another speaker or microphone): with a
+    10 s window the old level lingers in the new frames for seconds; restart_mean() at the change
+    (what `--speaker-changes` does at each endpoint) starts the mean afresh, so what came before
+    no longer shows, and the sample stream itself goes on (no frame lost or repeated)."""
+    wave, stats = sentences
+    cfg = FeatureConfig(cmn_window=1000, cmn_prior=100)
+
+    def quiet_after(before: np.ndarray, restart: bool) -> torch.Tensor:
+        fe = OnlineLogMel(cfg, stats)
+        n = fe.accept(before).shape[0]
+        assert fe.running_mean.count == cfg.cmn_window
+        if restart:
+            fe.restart_mean()
+            assert fe.running_mean is None
+        out = torch.cat([fe.accept(wave * 0.25), fe.finish()])
+        assert n + out.shape[0] == (len(before) + len(wave)) // HOP_LENGTH
+        return out
+
+    def lingering(restart: bool) -> float:
+        """How much the earlier level still shows in the new recording's frames 2-4 s in."""
+        loud, quiet = np.tile(wave, 2), np.tile(wave, 2) * 0.25
+        diff = quiet_after(loud, restart) - quiet_after(quiet, restart)
+        return diff[200:400].mean(0).abs().mean().item()
+
+    assert lingering(False) > 0.3
+    assert lingering(True) < 0.05 * lingering(False)
+
+
 def test_running_mean_is_off_by_default_and_needs_global_stats(speech, sentences):
     _, stats = sentences
     assert CFG.cmn_window == 0

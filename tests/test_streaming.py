@@ -183,6 +183,30 @@ def test_endpoint_splits_utterances_at_silence(paused_stream_model):
     assert word_tuples(only.words) == word_tuples([w for e in fin for w in e.words])
 
 
+def test_restart_mean_on_endpoint_starts_the_running_mean_afresh(paused_stream_model):
+    """--speaker-changes: at each endpoint the running mean starts afresh; without it the mean
+    carries on. The first utterance is the same either way (nothing changes before the first
+    endpoint)."""
+    lm = replace(load_model(paused_stream_model),
+                 feature_config=FeatureConfig(cmn_window=1000, cmn_prior=100))
+    wave, _ = _two_utterances()
+    runs = {}
+    for restart in (False, True):
+        session = StreamingSession(lm, endpoint_ms=800, restart_mean_on_endpoint=restart)
+        at_endpoints, events = [], []
+        for s in range(0, len(wave), RATE // 10):
+            new = session.push(wave[s:s + RATE // 10])
+            if finals(new):  # the chunk's frames were featurised before its endpoint
+                at_endpoints.append(session.featurizer.running_mean)
+            events += new
+        runs[restart] = at_endpoints, finals(events + session.flush())
+    (kept, fin_kept), (restarted, fin_restarted) = runs[False], runs[True]
+    assert len(kept) == len(restarted) >= 1
+    assert all(m.count > 100 for m in kept) and all(m is None for m in restarted)
+    assert fin_kept[0].text == fin_restarted[0].text
+    assert len(fin_kept) == len(fin_restarted) == 2
+
+
 def test_reset_restores_the_initial_state(overfit_models):
     lm = load_model(overfit_models["gru"])
     a = load_audio(SAMPLES / "9300-1-0087.flac")
