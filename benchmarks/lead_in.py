@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asr.audio import SAMPLE_RATE, load_audio  # noqa: E402
-from asr.checkpoint import load_model  # noqa: E402
-from asr.data import load_corpora  # noqa: E402
+from asr.checkpoint import CheckpointError, load_model  # noqa: E402
+from asr.data import CorpusError, load_corpora  # noqa: E402
 from asr.live import run_file_stream  # noqa: E402
 from asr.transcribe import decode_wave  # noqa: E402
 
@@ -47,11 +47,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
-    if args.floor_gate is not None:
-        lm = dataclasses.replace(lm, feature_config=dataclasses.replace(lm.feature_config,
-                                                                        cmn_floor_gate=args.floor_gate))
-    utts, _ = load_corpora([args.data], lm.vocab, skip_bad=True)
+    try:
+        lm = load_model(args.model)
+        if args.floor_gate is not None:
+            lm = dataclasses.replace(lm, feature_config=dataclasses.replace(
+                lm.feature_config, cmn_floor_gate=args.floor_gate))
+        utts, _ = load_corpora([args.data], lm.vocab, skip_bad=True)
+    except (CheckpointError, CorpusError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     refs = [u.text.lower() for u in utts]
     rng = np.random.default_rng(0)
     print(f"| {Path(args.model).name}, {'streamed' if args.stream else 'file'} | WER % | CER % |")
