@@ -7,7 +7,7 @@ Every utterance of --data is decoded greedily as it is, then once per --lead KIN
 much white noise at -55 dBFS (`noise`) or exact zeros (`silence`) put in front of it (noise drawn
 from one generator, seed 0, utterance after utterance, lead after lead). --stream decodes through the
 streaming session (causal models); --floor-gate overrides the model's running-mean gate at load time
-(a front end the model was not trained with). Prints corpus WER / CER per condition.
+(a front end the model was not trained with). Prints corpus WER / CER per condition, scored like `asr evaluate`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import jiwer
 import numpy as np
 import torch
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asr.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from asr.checkpoint import CheckpointError, load_model  # noqa: E402
 from asr.data import CorpusError, load_corpora  # noqa: E402
+from asr.evaluate import error_counts  # noqa: E402
 from asr.live import run_file_stream  # noqa: E402
 from asr.transcribe import decode_wave  # noqa: E402
 
@@ -55,7 +55,7 @@ def main() -> None:
         utts, _ = load_corpora([args.data], lm.vocab, skip_bad=True)
     except (CheckpointError, CorpusError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    refs = [u.text.lower() for u in utts]
+    refs = [u.text for u in utts]
     rng = np.random.default_rng(0)
     print(f"| {Path(args.model).name}, {'streamed' if args.stream else 'file'} | WER % | CER % |")
     print("|---|--:|--:|")
@@ -69,9 +69,10 @@ def main() -> None:
             elif kind == "silence":
                 wave = np.concatenate([np.zeros(n, np.float32), wave])
             text = run_file_stream(lm, wave, echo=False).text if args.stream else decode_wave(lm, wave)[1]
-            hyps.append(text.lower())
+            hyps.append(text)
         name = "no lead-in" if kind == "none" else f"{seconds:g} s {kind}"
-        print(f"| {name} | {100 * jiwer.wer(refs, hyps):.1f} | {100 * jiwer.cer(refs, hyps):.1f} |", flush=True)
+        e = error_counts(refs, hyps)  # the same normalisation and scoring as `asr evaluate`
+        print(f"| {name} | {100 * e.wer:.1f} | {100 * e.cer:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
