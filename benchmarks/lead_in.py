@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -32,9 +33,20 @@ from asr.transcribe import decode_wave  # noqa: E402
 
 def _lead(text: str) -> tuple[str, float]:
     kind, _, seconds = text.partition(":")
-    if kind not in ("noise", "silence") or not seconds:
-        raise argparse.ArgumentTypeError(f"expected noise:SECONDS or silence:SECONDS, got {text!r}")
-    return kind, float(seconds)
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if kind not in ("noise", "silence") or not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected noise:SECONDS or silence:SECONDS (SECONDS >= 0), "
+                                         f"got {text!r}")
+    return kind, value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def main() -> None:
@@ -44,7 +56,7 @@ def main() -> None:
     ap.add_argument("--lead", type=_lead, action="append", default=[], help="noise:SECONDS or silence:SECONDS")
     ap.add_argument("--stream", action="store_true", help="decode through the streaming session")
     ap.add_argument("--floor-gate", type=float, help="override the running mean's noise-floor gate")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=_positive_int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -53,7 +65,8 @@ def main() -> None:
             lm = dataclasses.replace(lm, feature_config=dataclasses.replace(
                 lm.feature_config, cmn_floor_gate=args.floor_gate))
         utts, _ = load_corpora([args.data], lm.vocab, skip_bad=True)
-    except (CheckpointError, CorpusError, ValueError) as e:
+        waves = [load_audio(u.path) for u in utts]  # read once, used by every condition
+    except (CheckpointError, CorpusError, ValueError) as e:  # AudioError is a ValueError
         raise SystemExit(f"error: {e}") from None
     refs = [u.text for u in utts]
     rng = np.random.default_rng(0)
@@ -61,8 +74,7 @@ def main() -> None:
     print("|---|--:|--:|")
     for kind, seconds in [("none", 0.0), *args.lead]:
         hyps = []
-        for u in utts:
-            wave = load_audio(u.path)
+        for wave in waves:
             n = int(seconds * SAMPLE_RATE)
             if kind == "noise":
                 wave = np.concatenate([(rng.standard_normal(n) * 10 ** (-55 / 20)).astype(np.float32), wave])
