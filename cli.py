@@ -333,7 +333,8 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--no-augment", is_flag=True, help="No augmentation at all (the same as --augment none).")
 @click.option("--augment", "augment_kinds", default="speed,gain,noise,specaugment", show_default=True,
               callback=_augment_kinds,
-              help="Augmentations to use, comma-separated: speed, gain, noise, specaugment, vtlp; or none.")
+              help="Augmentations to use, comma-separated: speed, gain, noise, specaugment, freqmask (SpecAugment's "
+                   "frequency masks alone), vtlp; or none.")
 @click.option("--init-from", type=click.Path(dir_okay=False),
               help="Start from this checkpoint's weights and feature statistics (a new run with its "
                    "own recipe, e.g. fine-tuning with other augmentation).")

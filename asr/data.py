@@ -260,7 +260,7 @@ class AugmentConfig:
         return bool(self.freq_masks or self.time_masks)
 
 
-AUGMENT_KINDS = ("speed", "gain", "noise", "specaugment", "vtlp")
+AUGMENT_KINDS = ("speed", "gain", "noise", "specaugment", "freqmask", "vtlp")
 
 
 def parse_augment_kinds(text: str) -> tuple[str, ...]:
@@ -287,7 +287,9 @@ def augment_config(kinds: Sequence[str]) -> AugmentConfig | None:
     if "noise" not in kinds:
         off["noise_prob"] = 0.0
     if "specaugment" not in kinds:
-        off.update(freq_masks=0, time_masks=0)
+        off["time_masks"] = 0
+        if "freqmask" not in kinds:  # freqmask: SpecAugment's frequency masks alone
+            off["freq_masks"] = 0
     if "vtlp" not in kinds:
         off["vtlp"] = 0.0
     return replace(AugmentConfig(), **off)

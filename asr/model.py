@@ -85,6 +85,15 @@ class CTCModel(nn.Module):
         self.rnn = CELLS[cfg.cell](
             cfg.hidden_size, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True,
             bidirectional=cfg.bidirectional, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
+        if cfg.cell == "lstm":
+            # forget-gate bias 1 (PyTorch's gate order: input, forget, cell, output), the usual LSTM
+            # init: the cell keeps its memory by default while the gates are still untrained
+            with torch.no_grad():
+                for name, p in self.rnn.named_parameters():
+                    if name.startswith("bias_ih"):
+                        p[cfg.hidden_size:2 * cfg.hidden_size] = 1.0
+                    elif name.startswith("bias_hh"):
+                        p[cfg.hidden_size:2 * cfg.hidden_size] = 0.0
         self.dropout = nn.Dropout(cfg.dropout)
         n_dir = 2 if cfg.bidirectional else 1
         self.classifier = nn.Linear(n_dir * cfg.hidden_size, cfg.vocab_size)

@@ -329,6 +329,17 @@ def test_augmentations_can_be_chosen_one_by_one():
     assert (masked == 0).all(0).any() and (masked == 0).all(1).any()
     no_time = replace(masks_only, time_masks=0)
     assert not (spec_augment(feats, no_time, torch.Generator().manual_seed(0)) == 0).all(1).any()
+    freq_only = augment_config(("speed", "freqmask"))  # SpecAugment's frequency masks alone
+    assert freq_only.freq_masks == masks_only.freq_masks > 0 and freq_only.time_masks == 0
+    assert augment_config(("specaugment", "freqmask")) == masks_only
+    for seed in range(5):
+        masked = spec_augment(feats, freq_only, torch.Generator().manual_seed(seed))
+        assert not (masked == 0).all(1).any()  # no frame blanked out
+        zero_bins = (masked == 0).all(0)
+        assert zero_bins.sum() <= 2 * freq_only.freq_mask_bins
+        torch.testing.assert_close(masked[:, ~zero_bins], feats[:, ~zero_bins])
+    assert any((spec_augment(feats, freq_only, torch.Generator().manual_seed(s)) == 0).all(0).any()
+               for s in range(5))
 
 
 def _mel_centroid(feats: torch.Tensor) -> float:

@@ -234,6 +234,22 @@ def test_subsampling_changes_no_weight_shape():
         CTCModel(ModelConfig(subsampling=3))
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lstm_starts_with_forget_gate_bias_one(bidirectional):
+    """Each LSTM layer's forget gate starts open (biases summing to 1), the other gates as PyTorch draws them."""
+    model = CTCModel(ModelConfig(cell="lstm", hidden_size=16, num_layers=2, bidirectional=bidirectional))
+    h = 16
+    biases = dict(model.rnn.named_parameters())
+    suffixes = [f"l{i}{d}" for i in range(2) for d in (["", "_reverse"] if bidirectional else [""])]
+    for sfx in suffixes:
+        b_ih, b_hh = biases[f"bias_ih_{sfx}"].detach(), biases[f"bias_hh_{sfx}"].detach()
+        torch.testing.assert_close(b_ih[h:2 * h] + b_hh[h:2 * h], torch.ones(h))
+        for gate in (0, 2, 3):  # input, cell, output: PyTorch's uniform init, not constants
+            assert b_ih[gate * h:(gate + 1) * h].std() > 0.01
+    gru = CTCModel(ModelConfig(cell="gru", hidden_size=16, num_layers=2))
+    assert gru.rnn.bias_ih_l0.detach()[h:2 * h].std() > 0.01  # only the LSTM gets the constant
+
+
 def test_unknown_cell_is_refused():
     with pytest.raises(ValueError, match="unknown cell 'transformer'"):
         CTCModel(ModelConfig(cell="transformer"))
