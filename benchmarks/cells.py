@@ -6,6 +6,7 @@ inference on random features of real utterance length, and streaming `step()` on
 
     python benchmarks/cells.py --threads 2
     python benchmarks/cells.py --arch bigru --hidden-size 256 --num-layers 3
+    python benchmarks/cells.py --cells gru --hidden-size 176 --num-layers 3 --subsampling 2  # one width
 
 Prints a Markdown table. Accuracy at equal training is measured with `asr train --cell ...` (see
 models/README.md); this script only measures cost.
@@ -25,7 +26,7 @@ from asr.model import CTCModel, ModelConfig, count_parameters
 
 def build(cell: str, hidden: int, args) -> CTCModel:
     return CTCModel(ModelConfig(bidirectional=args.arch == "bigru", cell=cell, hidden_size=hidden,
-                                num_layers=args.num_layers))
+                                num_layers=args.num_layers, subsampling=args.subsampling))
 
 
 def matched_hidden(cell: str, target: int, args) -> int:
@@ -87,16 +88,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10.0, help="utterance length")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--subsampling", type=int, choices=[2, 4], default=4,
+                    help="input frames per output frame (the shipped models: 2)")
+    ap.add_argument("--cells", default="gru,lstm,rnn",
+                    help="comma-separated subset of gru,lstm,rnn (e.g. gru alone to compare widths)")
     args = ap.parse_args()
+    cells = args.cells.split(",")
+    if not cells or any(c not in ("gru", "lstm", "rnn") for c in cells):
+        ap.error(f"--cells: a comma-separated subset of gru,lstm,rnn, not {args.cells!r}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     frames = int(args.seconds * 100)
     target = count_parameters(build("gru", args.hidden_size, args))
-    print(f"{args.arch} x{args.num_layers}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+    print(f"{args.arch} x{args.num_layers}, {args.subsampling * 10} ms frames, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}; utterances of {args.seconds:.0f} s, batch {args.batch}\n")
     print("| cell | hidden | parameters | train audio s/s | offline RTF | streaming RTF (100 ms) |")
     print("|---|---|---|---|---|---|")
-    for cell in ("gru", "lstm", "rnn"):
+    for cell in cells:
         hidden = args.hidden_size if cell == "gru" else matched_hidden(cell, target, args)
         model = build(cell, hidden, args)
         train_speed = time_train(model, args.batch, frames, args.repeats)
