@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _args import positive_float, positive_int  # benchmarks/, the script's own folder
 
 from asr.model import CTCModel, ModelConfig, count_parameters
 
@@ -82,19 +83,19 @@ def time_stream(model: CTCModel, frames: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", choices=["bigru", "gru"], default="gru")
-    ap.add_argument("--hidden-size", type=int, default=384, help="reference GRU hidden size")
-    ap.add_argument("--num-layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=10.0, help="utterance length")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden-size", type=positive_int, default=384, help="reference GRU hidden size")
+    ap.add_argument("--num-layers", type=positive_int, default=4)
+    ap.add_argument("--threads", type=positive_int, default=1)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--seconds", type=positive_float, default=10.0, help="utterance length")
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--subsampling", type=int, choices=[2, 4], default=4,
                     help="input frames per output frame (the shipped models: 2)")
     ap.add_argument("--cells", default="gru,lstm,rnn",
                     help="comma-separated subset of gru,lstm,rnn (e.g. gru alone to compare widths)")
     args = ap.parse_args()
     cells = args.cells.split(",")
-    if not cells or any(c not in ("gru", "lstm", "rnn") for c in cells):
+    if any(c not in ("gru", "lstm", "rnn") for c in cells):
         ap.error(f"--cells: a comma-separated subset of gru,lstm,rnn, not {args.cells!r}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _args import positive_int  # noqa: E402  (benchmarks/, the script's own folder)
+
 from asr.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from asr.checkpoint import CheckpointError, load_model  # noqa: E402
 from asr.data import CorpusError, load_corpora  # noqa: E402
@@ -43,12 +45,6 @@ def _lead(text: str) -> tuple[str, float]:
     return kind, value
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -56,7 +52,7 @@ def main() -> None:
     ap.add_argument("--lead", type=_lead, action="append", default=[], help="noise:SECONDS or silence:SECONDS")
     ap.add_argument("--stream", action="store_true", help="decode through the streaming session")
     ap.add_argument("--floor-gate", type=float, help="override the running mean's noise-floor gate")
-    ap.add_argument("--threads", type=_positive_int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
