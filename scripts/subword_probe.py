@@ -1,0 +1,214 @@
+"""Probe: would subword (BPE) output units beat characters for the BiGRU's greedy decoding?
+
+Characters spell by ear: the shipped BiGRU's greedy WER is about 2.8x its CER, because one wrong
+letter costs a whole word. Word pieces make the network itself choose among spellings it has seen.
+This probe asks what that buys without a new model: it loads a character checkpoint, replaces its
+classifier by a fresh one over a sentencepiece BPE vocabulary trained on the training transcripts
+(never on dev text), trains the new head alone for `--freeze` steps, then the whole network
+(linear warm-up, cosine decay), and logs greedy librispeech-dev WER/CER every `--eval-every` steps.
+The recipe is the later fine-tuning cycles' (real speech weighted 5, speed + gain + VTLP, 240 s
+batches). `asr` itself has no subword units: this is a measurement, not a product path (results in
+models/README.md, "Subword units").
+
+Needs `pip install sentencepiece` (not a dependency of the package). Resumable: OUT/state.pt is
+rewritten atomically every `--save-every` steps; the same command continues from it, and a larger
+`--steps` re-plans the cosine schedule over the longer run.
+
+    python scripts/subword_probe.py --out ../runs/bpe256 --steps 1400 --freeze 100
+    python scripts/subword_probe.py --out ../runs/bpe256 --eval-only   # every dev split, greedy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from asr.checkpoint import model_from_checkpoint, read_checkpoint  # noqa: E402
+from asr.data import DurationBatchSampler, SpeechDataset, augment_config, collate, scan_corpora  # noqa: E402
+from asr.evaluate import error_counts  # noqa: E402
+
+TRAIN = [("librispeech-train", 5.0), ("synth/LibriSpeech/train", 0.15),
+         ("ljspeech/LibriSpeech/train", 1.0), ("fsdd", 1.0)]
+DEV = {"librispeech-dev": "librispeech-dev", "synth-dev": "synth/LibriSpeech/dev",
+       "ljspeech-dev": "ljspeech/LibriSpeech/dev"}
+
+
+class PieceVocab:
+    """Sentencepiece pieces behind the CTC blank (index 0): piece k is class k + 1."""
+
+    def __init__(self, model_file: Path):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size() + 1
+
+    def encode(self, text: str) -> list[int]:
+        return [i + 1 for i in self.sp.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i - 1 for i in ids if i > 0])
+
+
+def train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
+    import sentencepiece as spm
+
+    source = out / "tokenizer_text.txt"
+    source.write_text("\n".join(texts) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(source), model_prefix=str(out / "sp"), vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=2,
+        minloglevel=2)
+
+
+def best_path(log_probs: torch.Tensor) -> list[int]:
+    """Greedy CTC: the best class per frame, repeats collapsed, blanks dropped."""
+    ids = torch.unique_consecutive(log_probs.argmax(-1)).tolist()
+    return [i for i in ids if i != 0]
+
+
+@torch.no_grad()
+def dev_errors(model, ds: SpeechDataset, vocab: PieceVocab) -> tuple[float, float, list[str]]:
+    model.eval()
+    hyps = []
+    for i in range(len(ds)):
+        f = ds.features(i)
+        lp, n = model(f[None], torch.tensor([f.shape[0]]))
+        hyps.append(vocab.decode(best_path(lp[0, :int(n[0])])))
+    model.train()
+    ec = error_counts([u.text for u in ds.utts], hyps)
+    return ec.wer, ec.cer, hyps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--data", default="../shared/data", type=Path)
+    ap.add_argument("--init", default="models/bigru.pt", help="character checkpoint to start from")
+    ap.add_argument("--vocab-size", type=int, default=256, help="sentencepiece pieces (BPE)")
+    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--freeze", type=int, default=100, help="first steps train the new head alone")
+    ap.add_argument("--lr-head", type=float, default=2e-3, help="peak (halved once all train)")
+    ap.add_argument("--lr-enc", type=float, default=3e-4, help="peak for the rest of the network")
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--batch-seconds", type=float, default=240)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--save-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=24)
+    ap.add_argument("--eval-only", action="store_true", help="decode every dev split and stop")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    loaded = model_from_checkpoint(read_checkpoint(a.init), a.init)
+    model, fcfg, stats, chars = loaded.model, loaded.feature_config, loaded.stats, loaded.vocab
+    groups, _ = scan_corpora([str(a.data / p) for p, _ in TRAIN], chars)
+    utts, weights = [], []
+    for (_, w), group in zip(TRAIN, groups, strict=True):
+        utts += group
+        weights += [w] * len(group)
+    if not (a.out / "sp.model").exists():
+        train_tokenizer(a.out, [u.text for u in utts], a.vocab_size)
+    vocab = PieceVocab(a.out / "sp.model")
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    model.classifier = torch.nn.Linear(model.classifier.in_features, len(vocab))
+    head = list(model.classifier.parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    opt = torch.optim.AdamW([{"params": body}, {"params": head}], lr=0.0, weight_decay=0.01)
+    st = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    if (a.out / "state.pt").exists():
+        saved = torch.load(a.out / "state.pt", weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        torch.set_rng_state(saved["rng"])
+        st = saved["st"]
+        print(f"resumed at step {st['step']}", flush=True)
+    if a.eval_only:
+        for name, path in DEV.items():
+            dev = SpeechDataset(scan_corpora([str(a.data / path)], chars)[0][0], chars, fcfg, stats)
+            wer, cer, hyps = dev_errors(model, dev, vocab)
+            print(f"step {st['step']} {name}: greedy WER {100 * wer:.1f} % CER {100 * cer:.1f} %")
+            (a.out / f"hyps-{name}-{st['step']}.txt").write_text("\n".join(hyps) + "\n")
+        return
+    dev = SpeechDataset(scan_corpora([str(a.data / DEV["librispeech-dev"])], chars)[0][0], chars, fcfg,
+                        stats)
+    ds = SpeechDataset(utts, vocab, fcfg, stats, augment_config(["speed", "gain", "vtlp"]))
+    sampler = DurationBatchSampler([u.duration for u in utts], a.batch_seconds, a.seed, weights,
+                                   augment=True)
+
+    def lrs(step: int) -> tuple[float, float]:
+        if step < a.freeze:
+            return 0.0, a.lr_head * min(1.0, (step + 1) / a.warmup)
+        s, total = step - a.freeze, a.steps - a.freeze
+        f = min(1.0, (s + 1) / a.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        return a.lr_enc * f, a.lr_head * 0.5 * f
+
+    def save() -> None:
+        tmp = a.out / "state.pt.tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
+                    "st": st}, tmp)
+        os.replace(tmp, a.out / "state.pt")
+
+    log = open(a.out / "log.jsonl", "a")
+
+    def write(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    model.train()
+    t0, losses, audio = time.time(), [], 0.0
+    while st["step"] < a.steps:
+        sampler.set_epoch(st["epoch"], skip=st["batch_in_epoch"])
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=1, prefetch_factor=4)
+        for batch in loader:
+            lr_body, lr_head = lrs(st["step"])
+            opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr_body, lr_head
+            for p in body:
+                p.requires_grad_(st["step"] >= a.freeze)
+            lp, n = model(batch["feats"], batch["lengths"])
+            loss = F.ctc_loss(lp.transpose(0, 1).float(), batch["targets"], n, batch["target_lengths"],
+                              blank=0, reduction="sum", zero_infinity=True) / lp.shape[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 5.0)
+            opt.step()
+            st["step"] += 1
+            st["batch_in_epoch"] += 1
+            losses.append(loss.item())
+            audio += float(batch["lengths"].sum()) / 100
+            if st["step"] % 10 == 0:
+                write({"step": st["step"], "loss": sum(losses) / len(losses), "lr_enc": lr_body,
+                       "lr_head": lr_head, "audio_s_per_s": audio / (time.time() - t0),
+                       "time": time.time()})
+                t0, losses, audio = time.time(), [], 0.0
+            if st["step"] % a.save_every == 0:
+                save()
+            if st["step"] % a.eval_every == 0 or st["step"] == a.steps:
+                wer, cer, _ = dev_errors(model, dev, vocab)
+                write({"step": st["step"], "dev_wer": wer, "dev_cer": cer, "time": time.time()})
+                t0 = time.time()
+            if st["step"] >= a.steps:
+                break
+        else:
+            st["epoch"] += 1
+            st["batch_in_epoch"] = 0
+    save()
+
+
+if __name__ == "__main__":
+    main()
