@@ -6,15 +6,15 @@ This probe asks what that buys without a new model: it loads a character checkpo
 classifier by a fresh one over a sentencepiece BPE vocabulary trained on the training transcripts
 (never on dev text), trains the new head alone for `--freeze` steps, then the whole network
 (linear warm-up, cosine decay), and logs greedy librispeech-dev WER/CER every `--eval-every` steps.
-The recipe is the later fine-tuning cycles' (real speech weighted 5, speed + gain + VTLP, 240 s
+The recipe is the later fine-tuning cycles' (librispeech-train weighted 5, speed + gain + VTLP, 240 s
 batches). `asr` itself has no subword units: this is a measurement, not a product path (results in
-models/README.md, "Subword units").
+models/README.md, "Twenty-fourth session").
 
 Needs `pip install sentencepiece` (not a dependency of the package). Resumable: OUT/state.pt is
 rewritten atomically every `--save-every` steps; the same command continues from it, and a larger
-`--steps` re-plans the cosine schedule over the longer run.
+`--steps` re-plans the cosine schedule over the run's new length. Run from the repository root:
 
-    python scripts/subword_probe.py --out ../runs/bpe256 --steps 1400 --freeze 100
+    python scripts/subword_probe.py --out ../runs/bpe256 --steps 1200   # the measured run's length
     python scripts/subword_probe.py --out ../runs/bpe256 --eval-only   # every dev split, greedy
 """
 
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data", type=Path)
     ap.add_argument("--init", default="models/bigru.pt", help="character checkpoint to start from")
     ap.add_argument("--vocab-size", type=int, default=256, help="sentencepiece pieces (BPE)")
-    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--freeze", type=int, default=100, help="first steps train the new head alone")
     ap.add_argument("--lr-head", type=float, default=2e-3, help="peak (halved once all train)")
     ap.add_argument("--lr-enc", type=float, default=3e-4, help="peak for the rest of the network")
