@@ -62,7 +62,7 @@ class PieceVocab:
 
 
 def train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
-    import sentencepiece as spm
+    import sentencepiece as spm  # checked in main()
 
     source = out / "tokenizer_text.txt"
     source.write_text("\n".join(texts) + "\n")
@@ -109,12 +109,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=24)
     ap.add_argument("--eval-only", action="store_true", help="decode every dev split and stop")
     a = ap.parse_args()
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        sys.exit("error: this probe needs sentencepiece (pip install sentencepiece)")
+    if a.eval_only and not (a.out / "state.pt").exists():
+        sys.exit(f"error: {a.out / 'state.pt'} does not exist: nothing trained to evaluate")
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
 
     loaded = model_from_checkpoint(read_checkpoint(a.init), a.init)
     model, fcfg, stats, chars = loaded.model, loaded.feature_config, loaded.stats, loaded.vocab
     groups, _ = scan_corpora([str(a.data / p) for p, _ in TRAIN], chars)
+    if not all(groups):
+        missing = [p for (p, _), g in zip(TRAIN, groups, strict=True) if not g]
+        sys.exit(f"error: no usable utterances in {', '.join(str(a.data / p) for p in missing)}")
     utts, weights = [], []
     for (_, w), group in zip(TRAIN, groups, strict=True):
         utts += group
