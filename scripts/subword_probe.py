@@ -15,7 +15,7 @@ rewritten atomically every `--save-every` steps; the same command continues from
 `--steps` re-plans the cosine schedule over the run's new length. Run from the repository root:
 
     python scripts/subword_probe.py --out ../runs/bpe256 --steps 1200   # the measured run's length
-    python scripts/subword_probe.py --out ../runs/bpe256 --eval-only   # every dev split, greedy
+    python scripts/subword_probe.py --out ../runs/bpe256 --eval-only   # dev splits, both heads
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from asr.checkpoint import model_from_checkpoint, read_checkpoint  # noqa: E402
+from asr.checkpoint import CheckpointError, atomic_save, model_from_checkpoint, read_checkpoint  # noqa: E402
 from asr.data import DurationBatchSampler, SpeechDataset, augment_config, collate, scan_corpora  # noqa: E402
+from asr.decoding import greedy_decode  # noqa: E402
 from asr.evaluate import error_counts  # noqa: E402
+from asr.lm import LMError, arpa_vocabulary  # noqa: E402
 
 TRAIN = [("librispeech-train", 5.0), ("synth/LibriSpeech/train", 0.15),
          ("ljspeech/LibriSpeech/train", 1.0), ("fsdd", 1.0)]
@@ -67,15 +69,17 @@ def train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
     source = out / "tokenizer_text.txt"
     source.write_text("\n".join(texts) + "\n")
     spm.SentencePieceTrainer.train(
-        input=str(source), model_prefix=str(out / "sp"), vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, num_threads=2,
-        minloglevel=2)
+        input=str(source), model_prefix=str(out / ".sp-partial"), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        num_threads=2, minloglevel=2)
+    os.replace(out / ".sp-partial.vocab", out / "sp.vocab")
+    os.replace(out / ".sp-partial.model", out / "sp.model")  # last: its presence means both are whole
 
 
-def best_path(log_probs: torch.Tensor) -> list[int]:
-    """Greedy CTC: the best class per frame, repeats collapsed, blanks dropped."""
-    ids = torch.unique_consecutive(log_probs.argmax(-1)).tolist()
-    return [i for i in ids if i != 0]
+def non_words(texts: list[str], words: set[str]) -> str:
+    """Share of the written words that are not in `words`, e.g. "27.8 % of 1583"."""
+    written = [w for t in texts for w in t.split()]
+    return f"{100 * sum(w not in words for w in written) / max(1, len(written)):.1f} % of {len(written)}"
 
 
 @torch.no_grad()
@@ -85,13 +89,13 @@ def dev_errors(model, ds: SpeechDataset, vocab: PieceVocab) -> tuple[float, floa
     for i in range(len(ds)):
         f = ds.features(i)
         lp, n = model(f[None], torch.tensor([f.shape[0]]))
-        hyps.append(vocab.decode(best_path(lp[0, :int(n[0])])))
+        hyps.append(vocab.decode(greedy_decode(lp, n)[0]))
     model.train()
     ec = error_counts([u.text for u in ds.utts], hyps)
     return ec.wer, ec.cer, hyps
 
 
-def main() -> None:
+def run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--data", default="../shared/data", type=Path)
@@ -107,8 +111,16 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=24)
-    ap.add_argument("--eval-only", action="store_true", help="decode every dev split and stop")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="decode every dev split with the pieces and with --init's characters, and stop")
+    ap.add_argument("--lm", default="models/lm.arpa.gz",
+                    help="--eval-only counts the written words outside this LM's vocabulary")
     a = ap.parse_args()
+    if min(a.vocab_size, a.steps, a.warmup, a.batch_seconds, a.eval_every, a.save_every, a.threads) <= 0:
+        ap.error("--vocab-size, --steps, --warmup, --batch-seconds, --eval-every, --save-every and "
+                 "--threads must be positive")
+    if not 0 <= a.freeze < a.steps:
+        ap.error("--freeze must be at least 0 and less than --steps")
     try:
         import sentencepiece  # noqa: F401
     except ImportError:
@@ -139,17 +151,23 @@ def main() -> None:
     opt = torch.optim.AdamW([{"params": body}, {"params": head}], lr=0.0, weight_decay=0.01)
     st = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     if (a.out / "state.pt").exists():
-        saved = torch.load(a.out / "state.pt", weights_only=False)
+        saved = torch.load(a.out / "state.pt", weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         torch.set_rng_state(saved["rng"])
         st = saved["st"]
         print(f"resumed at step {st['step']}", flush=True)
-    if a.eval_only:
+    if a.eval_only:  # beside the character model it started from; non-words: outside the LM's words
+        words = set(arpa_vocabulary(a.lm))
+        start = model_from_checkpoint(read_checkpoint(a.init), a.init).model
         for name, path in DEV.items():
             dev = SpeechDataset(scan_corpora([str(a.data / path)], chars)[0][0], chars, fcfg, stats)
-            wer, cer, hyps = dev_errors(model, dev, vocab)
-            print(f"step {st['step']} {name}: greedy WER {100 * wer:.1f} % CER {100 * cer:.1f} %")
+            print(f"{name}, references: non-words {non_words([u.text for u in dev.utts], words)}")
+            for label, m, v in ((f"{a.init} (characters)", start, chars),
+                                (f"step {st['step']} (pieces)", model, vocab)):
+                wer, cer, hyps = dev_errors(m, dev, v)
+                print(f"{name}, {label}: greedy WER {100 * wer:.1f} % CER {100 * cer:.1f} %, "
+                      f"non-words {non_words(hyps, words)}")
             (a.out / f"hyps-{name}-{st['step']}.txt").write_text("\n".join(hyps) + "\n")
         return
     dev = SpeechDataset(scan_corpora([str(a.data / DEV["librispeech-dev"])], chars)[0][0], chars, fcfg,
@@ -166,12 +184,14 @@ def main() -> None:
         return a.lr_enc * f, a.lr_head * 0.5 * f
 
     def save() -> None:
-        tmp = a.out / "state.pt.tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
-                    "st": st}, tmp)
-        os.replace(tmp, a.out / "state.pt")
+        atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
+                     "st": st}, a.out / "state.pt")
 
-    log = open(a.out / "log.jsonl", "a")
+    log_path = a.out / "log.jsonl"
+    if log_path.exists():  # rows logged after the last save would repeat once resumed
+        kept = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= st["step"]]
+        log_path.write_text("".join(r + "\n" for r in kept))
+    log = open(log_path, "a")
 
     def write(row: dict) -> None:
         print(json.dumps(row), flush=True)
@@ -187,8 +207,9 @@ def main() -> None:
         for batch in loader:
             lr_body, lr_head = lrs(st["step"])
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr_body, lr_head
-            for p in body:
-                p.requires_grad_(st["step"] >= a.freeze)
+            if body[0].requires_grad != (st["step"] >= a.freeze):  # the head trains alone first
+                for p in body:
+                    p.requires_grad_(st["step"] >= a.freeze)
             lp, n = model(batch["feats"], batch["lengths"])
             loss = F.ctc_loss(lp.transpose(0, 1).float(), batch["targets"], n, batch["target_lengths"],
                               blank=0, reduction="sum", zero_infinity=True) / lp.shape[0]
@@ -217,6 +238,15 @@ def main() -> None:
             st["epoch"] += 1
             st["batch_in_epoch"] = 0
     save()
+
+
+def main() -> None:
+    try:
+        run()
+    except (CheckpointError, LMError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except RuntimeError as e:  # sentencepiece's complaints, e.g. a vocabulary too large for the text
+        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")
 
 
 if __name__ == "__main__":
