@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 an input, model or corpus could not be used (one-line m
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -16,6 +17,19 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 def _fail(msg: str) -> None:
     raise click.ClickException(msg)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass its bound checks)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+THREADS = click.IntRange(1, 1024)  # far more makes OpenMP crash instead of erring
 
 
 def _threads(n: int | None, streaming: bool = False) -> None:
@@ -78,9 +92,9 @@ def decoder_options(fn):
                      "(default: models/lm.arpa.gz)."),
         click.option("--beam-size", type=click.IntRange(min=1),
                      help="Hypotheses kept per frame (default: 128)."),
-        click.option("--lm-weight", type=click.FloatRange(min=0),
+        click.option("--lm-weight", type=FiniteFloatRange(min=0),
                      help="Weight of the LM's log10 probabilities (default: tuned on dev)."),
-        click.option("--word-score", type=float,
+        click.option("--word-score", type=FiniteFloatRange(),
                      help="Score added per word; higher favours more words (default: tuned on dev)."),
     ]
     for option in reversed(options):
@@ -125,7 +139,10 @@ def _beam_config(decoding, vocab):
               f"pass one with --lm, or use --decoder greedy")
     given = {"lm_path": lm_path, "beam_size": beam_size, "lm_weight": lm_weight,
              "word_score": word_score}
-    cfg = BeamConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        cfg = BeamConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        _fail(f"beam search: {e}")
     try:
         load_lexicon(cfg.lm_path, vocab.chars)
     except ImportError:
@@ -153,7 +170,7 @@ def cli():
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Write one file per input (NAME.FORMAT) here instead of printing.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=THREADS,
               help="CPU threads for the model (default: all cores; 1 with --stream).")
 @click.option("--stream", is_flag=True, help="Decode through the live streaming path "
               "(unidirectional model), printing events as they happen.")
@@ -189,6 +206,11 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
         if clash:
             _fail(f"--output-dir: several inputs would write {clash[0]}.{fmt}; rename them or "
                   f"transcribe them separately")
+        inputs = {os.path.realpath(p) for p in audio}
+        for n in names:
+            if os.path.realpath(os.path.join(output_dir, f"{n}.{fmt}")) in inputs:
+                _fail(f"--output-dir: the transcript {n}.{fmt} would overwrite an input file; "
+                      f"choose another folder")
         try:
             os.makedirs(output_dir, exist_ok=True)
         except OSError as e:
@@ -249,7 +271,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
 @click.option("--format", "fmt", type=click.Choice(["text", "jsonl"]),
               help="text: partial line redrawn, final lines kept; jsonl: one event per line "
               "(default: text on a terminal, jsonl otherwise).")
-@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-seconds", type=FiniteFloatRange(min=0, min_open=True),
               help="Stop after this much audio (default: until Ctrl-C).")
 @click.option("--save-audio", type=click.Path(dir_okay=False), help="Also save the audio (16-bit WAV).")
 @precision_option
@@ -313,21 +335,21 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--hidden-size", type=click.IntRange(min=8), default=256, show_default=True)
 @click.option("--num-layers", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--conv-channels", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.15, show_default=True)
+@click.option("--dropout", type=FiniteFloatRange(0, 0.9), default=0.15, show_default=True)
 @click.option("--subsampling", type=click.Choice(["2", "4"]),
               help="Input frames (10 ms) per output frame: 4 (40 ms) or 2 (20 ms: twice the recurrent "
                    "work; characters then have room). Default: the --init-from model's, else 4.")
 @click.option("--cmn-window", type=click.IntRange(min=0),
               help="Subtract a causal running mean from the normalised features, averaged over up to this "
                    "many 10 ms frames (0: off; e.g. 1000). Default: the --init-from model's, else off.")
-@click.option("--cmn-floor-gate", type=click.FloatRange(min=0),
+@click.option("--cmn-floor-gate", type=FiniteFloatRange(min=0),
               help="With --cmn-window: only frames louder than a tracked noise floor by more than this "
                    "(normalised units, e.g. 0.5) update the running mean, so pauses and steady noise do "
                    "not drag it (0: every frame). Default: the --init-from model's, else 0.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=0), default=0, help="Stop after N steps (overrides --epochs).")
-@click.option("--batch-seconds", type=click.FloatRange(min=1), default=240.0, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.5e-3, show_default=True)
+@click.option("--batch-seconds", type=FiniteFloatRange(min=1), default=240.0, show_default=True)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=1.5e-3, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-augment", is_flag=True, help="No augmentation at all (the same as --augment none).")
@@ -341,21 +363,23 @@ def _augment_kinds(ctx, param, value: str) -> str:
 @click.option("--teacher", type=click.Path(dir_okay=False),
               help="Distil from this model: add the frame-wise KL divergence from its CTC posteriors "
                    "(e.g. the offline BiGRU's) to the student's CTC loss.")
-@click.option("--distill-weight", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--distill-weight", type=FiniteFloatRange(min=0, min_open=True), default=1.0,
               show_default=True,
               help="Weight of the distillation loss (with --teacher; the logged loss includes it).")
 @click.option("--distill-delay", type=click.IntRange(min=0), default=0, show_default=True,
               help="Output frames (40 or 20 ms) the student lags the teacher: a streaming student emits "
                    "later than a bidirectional teacher (with --teacher).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per process.")
+@click.option("--threads", type=THREADS, help="CPU threads per process.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=1, show_default=True,
               help="Data loading processes.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Dev WER every N steps too.")
 @click.option("--save-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping.")
+@click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping: "
+              "bad transcript lines, missing, unreadable or too short audio, and audio that fails "
+              "to decode past its header (each reported).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--debug-ranks", is_flag=True, hidden=True)
 def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv_channels, dropout, subsampling,
@@ -424,9 +448,11 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
 @click.option("--worst", type=click.IntRange(min=0), default=5, show_default=True,
               help="Aligned ref/hyp of the N worst utterances (text format).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=THREADS,
               help="CPU threads (default: all cores; 1 with --stream).")
-@click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping.")
+@click.option("--skip-bad", is_flag=True, help="Skip and count corpus problems instead of stopping: "
+              "bad transcript lines, missing, unreadable or too short audio, and audio that fails "
+              "to decode past its header (each reported).")
 @click.option("--sample", type=click.IntRange(min=1),
               help="Score N utterances drawn at random (always the same N for the same corpora).")
 @precision_option
@@ -446,6 +472,14 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     from asr.data import CorpusError, load_corpora, sample_utterances
     from asr.evaluate import align_pair, evaluate_utterances
 
+    if report:  # before any decoding: a report that cannot be written would waste it all
+        import tempfile
+
+        try:
+            with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(report)) or "."):
+                pass
+        except OSError as e:
+            _fail(f"--report {report}: cannot write there ({e.strerror or e})")
     _threads(threads, streaming=stream)
     lm = _load(model_path, streaming=stream, device=device, precision=precision)
     if stream and lm.model.cfg.bidirectional:
@@ -461,9 +495,14 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
 
     with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False) as bar:
         try:
-            rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update, beam=beam)
+            rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update, beam=beam,
+                                      skip_bad=skip_bad)
         except AudioError as e:  # damage the corpus scan (headers only) could not see
-            _fail(str(e))
+            _fail(f"{e} (--skip-bad skips such files)")
+    if rep.skipped:
+        click.echo(f"skipped {len(rep.skipped)} utterance(s) whose audio failed to decode "
+                   f"(--skip-bad), e.g. {rep.skipped[0]}", err=True)
+        skipped += len(rep.skipped)
     if report:
         lines = "".join(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, "errors": r.errors,
                                     "ref_words": r.ref_words}) + "\n" for r in rep.utterances)
@@ -474,7 +513,7 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     c = rep.counts
     summary = {"model": lm.path, "stream": stream, "precision": precision,
                "decoder": beam.to_dict() if beam else "greedy",
-               "utterances": len(utts), "skipped": skipped,
+               "utterances": len(rep.utterances), "skipped": skipped,
                "hours": round(rep.audio_seconds / 3600, 4), "wer": round(c.wer, 5),
                "cer": round(c.cer, 5), "substitutions": c.substitutions, "deletions": c.deletions,
                "insertions": c.insertions, "ref_words": c.ref_words, "rtf": round(rep.rtf, 4)}
@@ -486,7 +525,7 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
     click.echo(f"model        {lm.path}{' (streaming)' if stream else ''}"
                f"{f', {precision}' if precision != 'float32' else ''}\n"
                f"decoder      {dec}\n"
-               f"utterances   {len(utts)} ({summary['hours']:.2f} h){f', {skipped} skipped' if skipped else ''}\n"
+               f"utterances   {len(rep.utterances)} ({summary['hours']:.2f} h){f', {skipped} skipped' if skipped else ''}\n"
                f"WER          {100 * c.wer:.2f} %  (S {c.substitutions}, D {c.deletions}, "
                f"I {c.insertions} / {c.ref_words} words)\n"
                f"CER          {100 * c.cer:.2f} %\n"

@@ -15,6 +15,7 @@ its characters' runs of frames, and its confidence is the mean per-character pos
 from __future__ import annotations
 
 import functools
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from .lm import BOS, EOS, UNK, LMError, arpa_vocabulary
 from .text import Vocab
 
 DEFAULT_LM = Path(__file__).resolve().parent.parent / "models" / "lm.arpa.gz"
+MAX_BEAM = 10_000  # largest beam_size / beam_size_token accepted (the decoder's sizes are C ints)
 END_FRAME_LOGP = -1e4  # log-probability of every token but space in the frame that closes a word
 
 
@@ -42,6 +44,17 @@ class BeamConfig:
     lm_weight: float = 1.3  # weight of the LM's log10 probabilities (swept: models/README.md)
     word_score: float = 0.0  # added per word (positive favours more, shorter words)
     sil_score: float = 0.0  # added per frame of space
+
+    def __post_init__(self):
+        for name in ("beam_size", "beam_size_token"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BEAM:
+                raise ValueError(f"{name} must be a whole number from 1 to {MAX_BEAM}, not {value!r}")
+        for name in ("beam_threshold", "lm_weight", "word_score", "sil_score"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, not {getattr(self, name)!r}")
+        if self.lm_weight < 0 or self.beam_threshold <= 0:
+            raise ValueError("lm_weight must be at least 0 and beam_threshold above 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,8 +112,11 @@ def load_lexicon(lm_path: str, chars: str) -> _Lexicon:
         with _quiet_stderr():
             lm = KenLM(str(path), word_dict)
     except Exception as e:  # KenLM raises plain RuntimeErrors for malformed files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LMError(f"{path}: KenLM cannot read this language model ({first})") from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        if len(lines) > 1 and " threw " in lines[0]:  # "file.cc:N in <signature> threw X." then the reason
+            lines = lines[1:]
+        reason = " ".join(lines) or type(e).__name__
+        raise LMError(f"{path}: KenLM cannot read this language model ({reason})") from None
     space = vocab.space_id
     trie = Trie(len(vocab), space)
     start = lm.start(False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,13 +112,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if head != b"PK" and head[:1] != b"\x80":  # torch's zip container, or a legacy pickle
         raise CheckpointError(f"{p}: not a model file (expected a PyTorch checkpoint)")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. a foreign pickle's protocol warning: the error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "unsupported global" in str(e).lower():  # a class or function: code could run
             raise CheckpointError(
                 f"{p}: refused: the file contains Python objects that could run code "
                 f"(only plain tensors and containers are accepted)") from None
+        if "Weights only load failed" in str(e):  # torch's long preamble says nothing about the file
+            raise CheckpointError(f"{p}: refused: a raw Python pickle, not a PyTorch checkpoint "
+                                  f"(unpickling could run code)") from None
         raise CheckpointError(f"{p}: not a valid checkpoint ({first})") from None
     except Exception as e:  # garbage makes the unpickler fail in many ways (IndexError, KeyError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

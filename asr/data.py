@@ -20,12 +20,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, audio_duration, load_audio, resample
+from .audio import (
+    AUDIO_EXTENSIONS,
+    MIN_DURATION_S,
+    SAMPLE_RATE,
+    AudioError,
+    audio_duration,
+    load_audio,
+    resample,
+)
 from .features import FeatureConfig, FeatureStats, StatsAccumulator, log_mel, normalize_features
 from .text import Vocab, normalize_text
 
 _ID = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+-[A-Za-z0-9]+$")
-MANIFEST_VERSION = 2  # bump when scanning rules change: cached manifests are then rebuilt
+MANIFEST_VERSION = 3  # bump when scanning rules change: cached manifests are then rebuilt
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,10 @@ def _build_entries(trans_files: list[Path], audio_files: list[Path]) -> dict:
                 duration = audio_duration(audio)
             except AudioError as e:
                 problem(tf, lineno, str(e))
+                continue
+            if duration < MIN_DURATION_S:  # what decoding would refuse, seen from the header
+                problem(tf, lineno, f"{audio}: too short ({1000 * duration:.0f} ms; need at least "
+                                    f"{1000 * MIN_DURATION_S:.0f} ms)")
                 continue
             norm = normalize_text(text)
             if not norm:
@@ -341,12 +353,16 @@ class SpeechDataset(torch.utils.data.Dataset):
     """Items are (index, augmentation seed) pairs from DurationBatchSampler -> (feats, targets, id)."""
 
     def __init__(self, utts: Sequence[Utterance], vocab: Vocab, feature_config: FeatureConfig,
-                 stats: FeatureStats | None, augment: AugmentConfig | None = None):
+                 stats: FeatureStats | None, augment: AugmentConfig | None = None,
+                 skip_bad: bool = False):
         self.utts = list(utts)
         self.vocab = vocab
         self.fcfg = feature_config
         self.stats = stats
         self.augment = augment
+        # True: audio that fails to decode (damage the header scan cannot see) becomes a
+        # (None, message, id) item that `collate` leaves out, instead of raising AudioError
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.utts)
@@ -367,22 +383,33 @@ class SpeechDataset(torch.utils.data.Dataset):
             feats = spec_augment(feats, self.augment, g)
         return feats
 
-    def __getitem__(self, item: tuple[int, int | None]) -> tuple[Tensor, Tensor, str]:
+    def __getitem__(self, item: tuple[int, int | None]) -> tuple[Tensor | None, Tensor | str, str]:
         idx, seed = item
-        feats = self.features(idx, seed)
+        try:
+            feats = self.features(idx, seed)
+        except AudioError as e:
+            if not self.skip_bad:
+                raise
+            return None, str(e), self.utts[idx].id
         targets = torch.tensor(self.vocab.encode(self.utts[idx].text), dtype=torch.long)
         return feats, targets, self.utts[idx].id
 
 
-def collate(batch: list[tuple[Tensor, Tensor, str]]) -> dict:
-    """Pad to (B, T, F) with zeros; integer lengths, concatenated targets for CTC."""
+def collate(batch: list[tuple[Tensor | None, Tensor | str, str]]) -> dict:
+    """Pad to (B, T, F) with zeros; integer lengths, concatenated targets for CTC. Items a
+    skipping dataset could not decode are left out and listed as (id, message) in "skipped"; a
+    batch of nothing else has "feats" None."""
+    skipped = [(b[2], b[1]) for b in batch if b[0] is None]
+    batch = [b for b in batch if b[0] is not None]
+    if not batch:
+        return {"feats": None, "ids": [], "skipped": skipped}
     feats = [b[0] for b in batch]
     lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
     targets = [b[1] for b in batch]
     return {"feats": padded, "lengths": lengths, "targets": torch.cat(targets),
             "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
-            "ids": [b[2] for b in batch]}
+            "ids": [b[2] for b in batch], "skipped": skipped}
 
 
 class DurationBatchSampler:
@@ -468,13 +495,19 @@ def _split_to_multiple(batches: list[list], n: int) -> list[list]:
 
 
 def feature_stats(dataset: SpeechDataset, max_utts: int = 1000, seed: int = 0) -> FeatureStats:
-    """Global mean/std of un-normalised log-mel over (a seeded sample of) the training data."""
+    """Global mean/std of un-normalised log-mel over (a seeded sample of) the training data; a
+    skipping dataset (skip_bad) passes over audio that fails to decode, as its batches do."""
     n = len(dataset)
     g = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=g)[:max_utts].tolist()
     acc = StatsAccumulator(dataset.fcfg.n_mels)
     for i in chosen:
-        wave = load_audio(dataset.utts[i].path, dataset.fcfg.sample_rate)
+        try:
+            wave = load_audio(dataset.utts[i].path, dataset.fcfg.sample_rate)
+        except AudioError:
+            if not dataset.skip_bad:
+                raise
+            continue
         acc.add(log_mel(wave, dataset.fcfg))
     return acc.stats()
 

@@ -44,6 +44,7 @@ class EvalReport:
     utterances: list[UtteranceResult] = field(default_factory=list)
     audio_seconds: float = 0.0
     decode_seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # with skip_bad: why each unscored utterance failed
 
     @property
     def rtf(self) -> float:
@@ -78,21 +79,33 @@ def utterance_errors(ref: str, hyp: str) -> int:
 def decode_utterances(lm: LoadedModel, utts: Sequence[Utterance], batch_seconds: float = 200.0,
                       num_workers: int = 0,
                       progress: Callable[[int], None] | None = None,
-                      beam: BeamConfig | None = None) -> list[str]:
+                      beam: BeamConfig | None = None,
+                      skipped: list[tuple[str, str]] | None = None) -> list[str | None]:
     """Transcripts of whole utterances, batched by length (offline path); greedy, or a beam
-    search with a word LM over each whole utterance when `beam` is given."""
-    ds = SpeechDataset(utts, lm.vocab, lm.feature_config, lm.stats, augment=None)
+    search with a word LM over each whole utterance when `beam` is given.
+
+    An utterance whose audio fails to decode raises AudioError; when a `skipped` list is given,
+    its (id, message) goes there instead and its transcript is None."""
+    ds = SpeechDataset(utts, lm.vocab, lm.feature_config, lm.stats, augment=None,
+                       skip_bad=skipped is not None)
     sampler = DurationBatchSampler([u.duration for u in utts], batch_seconds, augment=False)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=num_workers)
     index = {u.id: i for i, u in enumerate(utts)}
-    hyps = [""] * len(utts)
+    hyps: list[str | None] = [""] * len(utts)
     model = lm.model
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch in loader:
+                for uid, message in batch["skipped"]:
+                    skipped.append((uid, message))
+                    hyps[index[uid]] = None
+                if progress and batch["skipped"]:
+                    progress(len(batch["skipped"]))
+                if batch["feats"] is None:
+                    continue
                 lp, lengths = model(batch["feats"].to(lm.device), batch["lengths"])
                 if beam is None:
                     texts = [lm.vocab.decode(ids) for ids in greedy_decode(lp, lengths)]
@@ -110,26 +123,41 @@ def decode_utterances(lm: LoadedModel, utts: Sequence[Utterance], batch_seconds:
 
 def evaluate_utterances(lm: LoadedModel, utts: Sequence[Utterance], stream: bool = False,
                         progress: Callable[[int], None] | None = None,
-                        beam: BeamConfig | None = None) -> EvalReport:
-    """Decode `utts` (offline batches, or one streaming session per utterance) and score them."""
+                        beam: BeamConfig | None = None, skip_bad: bool = False) -> EvalReport:
+    """Decode `utts` (offline batches, or one streaming session per utterance) and score them.
+
+    Audio that fails to decode raises AudioError, or with `skip_bad` leaves its utterance out of
+    the scores and its message in the report's `skipped`."""
     t0 = time.perf_counter()
+    skipped: list[tuple[str, str]] = []
     if stream:
-        from .audio import load_audio
+        from .audio import AudioError, load_audio
         from .live import run_file_stream
 
-        hyps = []
+        hyps: list[str | None] = []
         for u in utts:
-            wave = load_audio(u.path, lm.feature_config.sample_rate)
-            hyps.append(run_file_stream(lm, wave, echo=False, beam=beam).text)
+            try:
+                wave = load_audio(u.path, lm.feature_config.sample_rate)
+            except AudioError as e:
+                if not skip_bad:
+                    raise
+                skipped.append((u.id, str(e)))
+                hyps.append(None)
+            else:
+                hyps.append(run_file_stream(lm, wave, echo=False, beam=beam).text)
             if progress:
                 progress(1)
     else:
-        hyps = decode_utterances(lm, utts, progress=progress, beam=beam)
+        hyps = decode_utterances(lm, utts, progress=progress, beam=beam,
+                                 skipped=skipped if skip_bad else None)
     elapsed = time.perf_counter() - t0
+    kept = [(u, h) for u, h in zip(utts, hyps, strict=True) if h is not None]
+    utts, hyps = [u for u, _ in kept], [h for _, h in kept]
     results = [UtteranceResult(u.id, u.text, h, utterance_errors(u.text, h), len(u.text.split()),
                                u.duration) for u, h in zip(utts, hyps, strict=True)]
     return EvalReport(error_counts([u.text for u in utts], hyps), results,
-                      audio_seconds=sum(u.duration for u in utts), decode_seconds=elapsed)
+                      audio_seconds=sum(u.duration for u in utts), decode_seconds=elapsed,
+                      skipped=[message for _, message in skipped])
 
 
 def align_pair(ref: str, hyp: str) -> tuple[str, str]:

@@ -113,9 +113,12 @@ def parse_corpus_arg(arg: str) -> tuple[str, float]:
     path, sep, w = arg.rpartition(":")
     if sep and path and not os.path.exists(arg):
         try:
-            return path, float(w)
+            weight = float(w)
         except ValueError:
-            pass
+            return arg, 1.0
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"--train {arg}: the weight (repeats per epoch) must be a number above 0")
+        return path, weight
     return arg, 1.0
 
 @dataclass
@@ -189,6 +192,10 @@ def _all_gather(obj, world_size: int) -> list:
     return out
 
 
+# what a step checkpoint holds beyond the model, for --resume (an export holds none of it)
+TRAINING_STATE = ("train_config", "run_state", "optimizer")
+
+
 def load_latest_checkpoint(run_dir: Path, verbose: bool = True) -> tuple[Path, dict] | tuple[None, None]:
     """The newest step checkpoint that reads back completely, and its contents.
 
@@ -197,10 +204,17 @@ def load_latest_checkpoint(run_dir: Path, verbose: bool = True) -> tuple[Path, d
     """
     for p in sorted((run_dir / CKPT_DIR).glob("step-*.pt"), reverse=True):
         try:
-            return p, read_checkpoint(p)
+            ckpt = read_checkpoint(p)
         except CheckpointError as e:
             if verbose:
                 print(f"warning: skipping unreadable checkpoint {e}", file=sys.stderr)
+            continue
+        missing = [k for k in TRAINING_STATE if k not in ckpt]
+        if not missing:
+            return p, ckpt
+        if verbose:  # e.g. an inference-only export written over it
+            print(f"warning: skipping checkpoint {p}: it holds no training state "
+                  f"(no {', '.join(missing)})", file=sys.stderr)
     return None, None
 
 
@@ -497,6 +511,9 @@ def _load_training_data(cfg: TrainConfig, vocab: Vocab):
     for (_, w), group in zip(corpora, train_groups, strict=True):
         train_utts += group
         weights += [w] * len(group)
+    if train_utts and sum(weights) < 1:
+        raise ValueError(f"the --train weights give {sum(weights):.2g} utterances per epoch: "
+                         f"raise them so that an epoch holds at least one")
     if not train_utts:
         raise CorpusError([CorpusProblem(", ".join(cfg.train), 0, "no usable training utterances")])
     dev_utts = [u for g in dev_groups for u in g]
@@ -571,8 +588,12 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
     elif init is not None:
         stats = FeatureStats.from_dict(init["feature_stats"])
     else:
-        probe = SpeechDataset(train_utts, vocab, fcfg, None)
-        stats = feature_stats(probe, cfg.stats_utterances, cfg.seed)
+        probe = SpeechDataset(train_utts, vocab, fcfg, None, skip_bad=cfg.skip_bad)
+        try:
+            stats = feature_stats(probe, cfg.stats_utterances, cfg.seed)
+        except AudioError as e:
+            raise AudioError(f"{e} (while measuring the feature statistics; --skip-bad skips "
+                             f"such files)") from None
     mcfg = ModelConfig(n_mels=fcfg.n_mels, vocab_size=len(vocab), bidirectional=cfg.arch == "bigru",
                        cell=cfg.cell, conv_channels=cfg.conv_channels, hidden_size=cfg.hidden_size,
                        num_layers=cfg.num_layers, dropout=cfg.dropout, subsampling=cfg.subsampling)
@@ -608,7 +629,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
         print(f"distilling from {cfg.teacher} (weight {cfg.distill_weight}, student delay "
               f"{cfg.distill_delay} frames)")
     aug = augment_config(parse_augment_kinds(cfg.augment_kinds)) if cfg.augment else None
-    ds = SpeechDataset(train_utts, vocab, fcfg, stats, aug)
+    ds = SpeechDataset(train_utts, vocab, fcfg, stats, aug, skip_bad=cfg.skip_bad)
     sampler = DurationBatchSampler([u.duration for u in train_utts], cfg.batch_seconds, cfg.seed,
                                    weights, dist_info.rank, world, augment=aug is not None)
     steps_per_epoch = len(sampler.rank_batches(0))
@@ -709,6 +730,13 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
             batches = _batches(loader, stop)
             for batch in batches:
+                for uid, message in batch["skipped"]:  # --skip-bad: damage the scan could not see
+                    tqdm.write(f"warning: left {uid} out of a batch (--skip-bad): {message}", file=sys.stderr)
+                if batch["feats"] is None:  # every utterance of the batch failed to decode
+                    if world > 1:  # the other ranks are stepping: stop as without --skip-bad
+                        raise AudioError(batch["skipped"][0][1])
+                    state.batch_in_epoch += 1
+                    continue
                 lr = get_lr(state.step, total_steps, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -787,7 +815,8 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
         message = _worker_error_message(e)
         if world == 1 and saved_step != state.step:
             checkpoint()  # keep the steps done so far (a collective would hang with one rank failing)
-        raise AudioError(f"training stopped: {message}; fix or remove the file, then continue "
+        hint = "" if cfg.skip_bad else " (or add --skip-bad)"
+        raise AudioError(f"training stopped: {message}; fix or remove the file{hint}, then continue "
                          f"with --resume") from None
     finally:
         bar.close()
@@ -894,6 +923,14 @@ def export_model(src: str | os.PathLike | list, dst: str | os.PathLike, half: bo
     srcs = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     if os.path.realpath(dst) in {os.path.realpath(s) for s in srcs}:
         raise CheckpointError(f"{dst}: the output would overwrite one of the checkpoints it is made from")
+    if os.path.isfile(dst):
+        try:
+            held = read_checkpoint(dst)
+        except CheckpointError:
+            held = {}  # not a readable checkpoint: nothing a run needs
+        if any(k in held for k in TRAINING_STATE):
+            raise CheckpointError(f"{dst}: a training checkpoint (with its optimizer state) is "
+                                  f"there; export to another file")
     cks = [read_checkpoint(s) for s in srcs]
     models = [model_from_checkpoint(ck, str(s)) for ck, s in zip(cks, srcs, strict=True)]
     lm = models[-1]

@@ -158,6 +158,26 @@ def test_bad_lm_file_is_a_clear_error(tmp_path, content):
         BeamCTCStream(VOCAB, BeamConfig(lm_path=str(tmp_path / "missing.arpa")))
 
 
+def test_lm_that_kenlm_refuses_says_why(tmp_path):
+    """KenLM's message starts with its source location; the reason is what the user needs."""
+    path = tmp_path / "unigram.arpa"
+    path.write_text("\\data\\\nngram 1=3\n\n\\1-grams:\n-1.0\t<s>\n-1.0\t</s>\n-1.0\tclubs\n"
+                    "\n\\end\\\n")
+    with pytest.raises(LMError) as e:
+        BeamCTCStream(VOCAB, BeamConfig(lm_path=str(path)))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: KenLM cannot read this language model (")
+    assert "assumes at least a bigram model" in msg and ".cc:" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("field, value", [("beam_size", 0), ("beam_size", 10**9), ("beam_size", 2.5),
+                                          ("lm_weight", float("nan")), ("lm_weight", -1.0),
+                                          ("word_score", float("inf")), ("beam_threshold", 0.0)])
+def test_beam_config_refuses_unusable_settings(field, value):
+    with pytest.raises(ValueError, match=field):
+        BeamConfig(**{field: value})
+
+
 # ----------------------------------------------------------------------------- files and streams
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shlex
 
 import pytest
@@ -105,15 +106,18 @@ def test_code_carrying_checkpoint_is_refused_without_running_it(tmp_path, how):
         path.write_bytes(pickle.dumps(RunsACommand(marker)))
     else:
         torch.save({"payload": RunsACommand(marker)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match="refused: the file contains Python objects"):
+    # torch's safe loader names the code it met, except in a raw pickle (not torch.save's format),
+    # which it stops reading at once
+    reason = ("a raw Python pickle, not a PyTorch checkpoint (unpickling could run code)"
+              if how == "plain-pickle" else "the file contains Python objects that could run code "
+              "(only plain tensors and containers are accepted)")
+    with pytest.raises(CheckpointError, match=re.escape(f"refused: {reason}")):
         load_model(path)
     r = CliRunner().invoke(cli, ["transcribe", "--model", str(path),
                                  str(SAMPLES / "9302-1-0000.flac")])
     assert r.exit_code == 1
     assert isinstance(r.exception, SystemExit)
-    assert r.stderr.strip().splitlines() == [f"Error: {path}: refused: the file contains Python "
-                                            "objects that could run code (only plain tensors and "
-                                            "containers are accepted)"]
+    assert r.stderr.strip().splitlines() == [f"Error: {path}: refused: {reason}"]
     assert not marker.exists()
 
 
@@ -122,6 +126,8 @@ def _damaged(tmp_path, good, kind):
     data = good.read_bytes()
     if kind == "empty":
         path.touch()
+    elif kind == "plain-pickle":  # pickle protocol 4, not torch.save: no code in it, just foreign
+        path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
     elif kind == "truncated-half":
         path.write_bytes(data[: len(data) // 2])
     elif kind == "truncated-head":
@@ -148,6 +154,7 @@ def _damaged(tmp_path, good, kind):
     ("text", "not a model file (expected a PyTorch checkpoint)"),
     ("list", "not an asr-gru-ctc checkpoint of this project"),
     ("other-dict", "not an asr-gru-ctc checkpoint of this project"),
+    ("plain-pickle", "refused: a raw Python pickle, not a PyTorch checkpoint (unpickling could run code)"),
 ])
 def test_damaged_or_foreign_files_give_a_clear_error(tmp_path, good, kind, reason):
     path = _damaged(tmp_path, good, kind)
@@ -185,6 +192,10 @@ def _mutate(ck: dict, kind: str) -> dict:
         ck["feature_config"] = {**ck["feature_config"], "cmn_window": 2.5}
     elif kind == "negative-floor-gate":
         ck["feature_config"] = {**ck["feature_config"], "cmn_floor_gate": -0.5}
+    elif kind == "zero-sample-rate":  # frame times would divide by it
+        ck["feature_config"] = {**ck["feature_config"], "sample_rate": 0}
+    elif kind == "f-max-above-nyquist":
+        ck["feature_config"] = {**ck["feature_config"], "f_max": 9000.0}
     elif kind == "huge-config":  # would need terabytes if we built it before checking
         ck["model_config"] = {**ck["model_config"], "hidden_size": 10**7}
     return ck
@@ -194,7 +205,7 @@ def _mutate(ck: dict, kind: str) -> dict:
     "hidden-size", "bidirectional-flag", "missing-weight", "extra-weight", "unknown-config-key",
     "unknown-cell", "weights-not-tensors", "config-not-a-dict", "stats-wrong-size",
     "vocab-wrong-size", "negative-cmn-window", "cmn-window-not-int", "negative-floor-gate",
-    "huge-config"])
+    "zero-sample-rate", "f-max-above-nyquist", "huge-config"])
 def test_wrong_architecture_gives_a_clear_error(tmp_path, kind):
     path = tmp_path / "wrong.pt"
     torch.save(_mutate(tiny_checkpoint(), kind), path)
@@ -285,3 +296,29 @@ def test_export_refuses_to_average_checkpoints_of_different_runs(tmp_path, good)
     r = CliRunner().invoke(cli, ["export", str(good), str(tmp_path / "other.pt"), str(tmp_path / "avg.pt")])
     assert r.exit_code == 1 and "feature statistics differ" in r.stderr
     assert not (tmp_path / "avg.pt").exists()
+
+
+def test_plain_pickle_as_model_is_one_line_without_torch_warnings(tmp_path, good):
+    path = _damaged(tmp_path, good, "plain-pickle")
+    r = CliRunner().invoke(cli, ["transcribe", "--model", str(path), str(SAMPLES / "9302-1-0000.flac")])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [f"Error: {path}: refused: a raw Python pickle, not a "
+                                            "PyTorch checkpoint (unpickling could run code)"]
+
+
+def test_export_will_not_overwrite_a_training_checkpoint(tmp_path, good):
+    """`asr export run/step-1.pt run/step-2.pt` (a forgotten output name) must not destroy step 2's
+    optimizer state; an earlier export there may be replaced."""
+    training = tmp_path / "step-00000002.pt"
+    atomic_save(tiny_checkpoint(train_config={"lr": 1e-3}, run_state={"step": 2},
+                                optimizer={"state": {}}), training)
+    before = training.read_bytes()
+    r = CliRunner().invoke(cli, ["export", str(good), str(training)])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (f"Error: {training}: a training checkpoint (with its optimizer "
+                                "state) is there; export to another file")
+    assert training.read_bytes() == before
+    exported = tmp_path / "model.pt"
+    assert CliRunner().invoke(cli, ["export", str(good), str(exported)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["export", "--float32", str(good), str(exported)]).exit_code == 0
+    assert load_model(exported).model.classifier.weight.dtype == torch.float32

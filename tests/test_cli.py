@@ -153,8 +153,9 @@ def test_missing_model_file(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["--format", "docx"], ["--threads", "0"], ["--device", "tpu"], ["--precision", "int4"],
-    ["--no-such-option"], []])
+    ["--format", "docx"], ["--threads", "0"], ["--threads", "100000"], ["--device", "tpu"],
+    ["--precision", "int4"], ["--no-such-option"], ["--lm-weight", "nan"], ["--lm-weight", "inf"],
+    ["--word-score", "nan"], ["--word-score", "-inf"], []])
 def test_usage_errors_exit_2(args):
     r = transcribe(*args, *([AUDIO] if args else []))
     assert r.exit_code == 2
@@ -181,6 +182,26 @@ def test_output_dir_refuses_inputs_that_would_overwrite_each_other(overfit_model
     assert r.exit_code == 1
     assert f"several inputs would write {STEM}.txt" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_will_not_overwrite_an_input(overfit_models, tmp_path):
+    """An audio file named like a transcript (clip.txt) must not be replaced by its transcript."""
+    clip = tmp_path / "clip.txt"
+    clip.write_bytes(AUDIO.read_bytes())
+    r = transcribe("--model", overfit_models["bigru"], "--output-dir", tmp_path, clip)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == ("Error: --output-dir: the transcript clip.txt would overwrite an "
+                                "input file; choose another folder")
+    assert clip.read_bytes() == AUDIO.read_bytes()
+    ok(transcribe("--model", overfit_models["bigru"], "--output-dir", tmp_path / "out", clip))
+    assert (tmp_path / "out" / "clip.txt").read_text().strip() == TEXT
+
+
+def test_an_absurd_beam_is_one_line(overfit_models):
+    r = run("transcribe", "--model", overfit_models["bigru"], "--beam-size", "3000000000", AUDIO)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == ("Error: beam search: beam_size must be a whole number from 1 to "
+                                "10000, not 3000000000")
 
 
 def test_stream_needs_a_unidirectional_model(overfit_models):

@@ -5,6 +5,7 @@ Fake corpora are built in tmp_path from the committed real recordings in tests/f
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -371,3 +372,69 @@ def test_vtlp_moves_the_spectrum_and_leaves_the_other_draws_alone():
     only = SpeechDataset(utts, Vocab(), cfg, None, augment=augment_config(("vtlp",)))
     warps = {round(_mel_centroid(only.features(idx, s)) - _mel_centroid(clean), 2) for s in range(8)}
     assert len(warps) == 8 and min(warps) < 0 < max(warps)  # a new factor per draw, both ways
+
+
+def damaged_corpus(root: Path) -> tuple[Path, Path]:
+    """Three good clips, one too short to transcribe (its header shows it) and one truncated past
+    its header (only decoding finds it)."""
+    chapter(root, "14", "1", [f"14-1-000{i} {CARD_TEXT[f'9301-1-000{i}']}" for i in (1, 2, 3, 4, 5)],
+            {f"14-1-000{i}": f"000{i}.flac" for i in (1, 2, 3, 4, 5)})
+    short = root / "14" / "1" / "14-1-0004.flac"
+    sf.write(str(short), np.zeros(300, np.float32), 16000)  # 19 ms
+    cut = root / "14" / "1" / "14-1-0005.flac"
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) * 3 // 5])
+    return short, cut
+
+
+def test_too_short_audio_is_a_corpus_problem_found_by_the_scan(tmp_path):
+    short, _ = damaged_corpus(tmp_path / "c")
+    utts, problems = scan_corpus(tmp_path / "c", Vocab())
+    assert sorted(u.id for u in utts) == ["14-1-0001", "14-1-0002", "14-1-0003", "14-1-0005"]
+    [p] = problems
+    assert p.message == f"{short.resolve()}: too short (19 ms; need at least 50 ms)" and p.line == 4
+
+
+def test_cli_evaluate_skip_bad_skips_audio_that_fails_to_decode(tmp_path, tiny_checkpoint):
+    from asr.checkpoint import atomic_save, make_checkpoint
+    from asr.model import CTCModel, ModelConfig
+
+    _, cut = damaged_corpus(tmp_path / "c")
+    streaming = tmp_path / "tiny-stream.pt"
+    model = CTCModel(ModelConfig(bidirectional=False, hidden_size=16, num_layers=1, conv_channels=4))
+    stats = FeatureStats(mean=torch.full((80,), -8.0), std=torch.full((80,), 3.0))
+    atomic_save(make_checkpoint(model, FeatureConfig(), stats, Vocab()), streaming)
+    base = ["evaluate", "--data", str(tmp_path / "c"), "--decoder", "greedy", "--format", "json"]
+    r = CliRunner().invoke(cli, [*base, "--model", str(tiny_checkpoint)])
+    assert r.exit_code == 1 and "1 corpus problem(s)" in r.stderr and "too short" in r.stderr
+    for how in (["--model", str(tiny_checkpoint)], ["--model", str(streaming), "--stream"]):
+        r = CliRunner().invoke(cli, [*base, "--skip-bad", *how])
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)
+        assert summary["utterances"] == 3 and summary["skipped"] == 2
+        assert summary["ref_words"] == sum(len(CARD_TEXT[f"9301-1-000{i}"].split()) for i in (1, 2, 3))
+        [note] = [ln for ln in r.stderr.splitlines() if ln.startswith("skipped")]
+        assert note.startswith("skipped 1 utterance(s) whose audio failed to decode (--skip-bad), "
+                               f"e.g. {cut.resolve()}: cannot decode audio")
+    # only the truncated file left: without --skip-bad one line naming it
+    (tmp_path / "c" / "14" / "1" / "14-1-0004.flac").unlink()
+    trans = tmp_path / "c" / "14" / "1" / "14-1.trans.txt"
+    trans.write_text("".join(ln + "\n" for ln in trans.read_text().splitlines() if "14-1-0004" not in ln))
+    r = CliRunner().invoke(cli, [*base, "--model", str(tiny_checkpoint)])
+    assert r.exit_code == 1
+    [line] = r.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"Error: {cut.resolve()}: cannot decode audio") and line.endswith(
+        "(--skip-bad skips such files)")
+
+
+def test_cli_evaluate_checks_the_report_path_before_decoding(tmp_path, tiny_checkpoint, monkeypatch):
+    import asr.evaluate
+
+    chapter(tmp_path / "c", "13", "1", ["13-1-0001 TEN OF CLUBS"], {"13-1-0001": "0001.flac"})
+    decoded = []
+    monkeypatch.setattr(asr.evaluate, "decode_utterances", lambda *a, **k: decoded.append(1) or [""])
+    report = tmp_path / "no" / "such" / "dir" / "dev.jsonl"
+    r = CliRunner().invoke(cli, ["evaluate", "--data", str(tmp_path / "c"), "--model",
+                                 str(tiny_checkpoint), "--decoder", "greedy", "--report", str(report)])
+    assert r.exit_code == 1 and decoded == []
+    assert r.stderr.strip() == f"Error: --report {report}: cannot write there (No such file or directory)"

@@ -167,6 +167,78 @@ def test_cli_refuses_to_start_over_an_existing_run(corpora, reference_run):
     assert r.exit_code == 1 and "--resume" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("weight", ["0", "-1", "nan", "inf"])
+def test_cli_refuses_a_corpus_weight_that_is_not_above_zero(corpora, tmp_path, weight):
+    """A weight of 0 once gave an epoch of no batches and a run that never ended."""
+    r = CliRunner().invoke(cli, ["train", "--train", f"{corpora[0]}:{weight}", "--out",
+                                 str(tmp_path / "run"), "--max-steps", "1"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.strip() == (f"Error: --train {corpora[0]}:{weight}: the weight (repeats per "
+                                f"epoch) must be a number above 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_that_leave_an_epoch_empty_are_refused(corpora, tmp_path):
+    with pytest.raises(ValueError, match=r"the --train weights give 0.07 utterances per epoch"):
+        train(tiny_config(corpora, tmp_path / "run", train=(f"{corpora[0]}:0.01",)))
+
+
+def test_resume_passes_over_an_export_written_onto_the_last_checkpoint(corpora, reference_run, tmp_path):
+    """An inference-only file where the newest step checkpoint was (an export that was let
+    overwrite it, a copy gone wrong) is skipped with a warning: the run resumes from the step
+    before and ends exactly as the uninterrupted run did."""
+    import shutil
+
+    from asr.train import export_model
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    last = run / CKPT_DIR / "step-00000007.pt"
+    export_model(str(run / CKPT_DIR / "step-00000006.pt"), str(tmp_path / "exported.pt"), half=False)
+    os.replace(tmp_path / "exported.pt", last)
+    r = CliRunner().invoke(cli, ["train", "--train", str(corpora[0]), "--out", str(run), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert f"warning: skipping checkpoint {last}: it holds no training state" in r.stderr
+    assert "resuming from" in r.output and "(step 6," in r.output
+    for k, v in final_weights(reference_run, 7).items():
+        assert torch.equal(final_weights(run, 7)[k], v), k
+
+
+def _with_truncated_file(corpora, tmp_path) -> Path:
+    import shutil
+
+    root = tmp_path / "train"
+    shutil.copytree(corpora[0], root)
+    damaged = next(root.rglob("9301-1-0003.flac"))
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) * 3 // 5])  # the header (and its length) intact
+    return damaged
+
+
+def test_audio_damaged_past_its_header_stops_training_or_is_skipped(corpora, reference_run, tmp_path,
+                                                                     capsys):
+    from asr.audio import AudioError
+
+    damaged = _with_truncated_file(corpora, tmp_path)
+    root = tmp_path / "train"
+    cfg = tiny_config(corpora, tmp_path / "run", train=(str(root),), max_steps=0, epochs=1,
+                      eval_every=0, num_workers=0)
+    with pytest.raises(AudioError, match=rf"^{damaged}: cannot decode audio .* \(while measuring "
+                       rf"the feature statistics; --skip-bad skips such files\)$"):
+        train(cfg)
+    # from a trained model (its feature statistics): the damage is met in a batch
+    warm = replace(cfg, out=str(tmp_path / "warm"),
+                   init_from=str(reference_run / CKPT_DIR / "step-00000007.pt"))
+    with pytest.raises(AudioError, match=rf"^training stopped: {damaged}: cannot decode audio .*; fix "
+                       rf"or remove the file \(or add --skip-bad\), then continue with --resume$"):
+        train(warm)
+    capsys.readouterr()
+    best = train(replace(cfg, out=str(tmp_path / "skipping"), skip_bad=True))
+    assert best is not None and best.exists()
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "(--skip-bad)" in ln]
+    assert len(warnings) == 1 and "9301-1-0003" in warnings[0] and str(damaged) in warnings[0]
+
+
 # ----------------------------------------------------------------------------- several processes
 
 DDP_DRIVER = """
