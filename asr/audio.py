@@ -72,7 +72,7 @@ def iter_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Itera
     """
     p = readable_file(path, "audio file", AudioError)
     try:
-        f = sf.SoundFile(str(p))
+        f = sf.SoundFile(os.fsencode(p))  # bytes: any file name the OS allows, UTF-8 or not
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioError(f"{p}: cannot decode audio ({_short(e)})") from None
     with f:
@@ -132,7 +132,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
 def audio_duration(path: str | os.PathLike) -> float:
     """Duration in seconds from the file header (no decoding)."""
     try:
-        info = sf.info(str(path))
+        info = sf.info(os.fsencode(path))
     except (sf.LibsndfileError, RuntimeError) as e:
         raise AudioError(f"{path}: cannot read audio header ({_short(e)})") from None
     return info.frames / info.samplerate

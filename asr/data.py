@@ -78,7 +78,7 @@ def _fingerprint(root: Path, files: list[Path]) -> str:
     h = hashlib.sha1(f"v{MANIFEST_VERSION}".encode())
     for f in files:
         st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(f.relative_to(root)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -105,7 +105,7 @@ def scan_corpus(root: str | os.PathLike, vocab: Vocab | None = None,
     if not trans_files:
         raise CorpusError([CorpusProblem(str(root), 0, "no *.trans.txt transcripts found")])
     key = _fingerprint(root, trans_files + audio_files)
-    cache = _cache_dir() / (hashlib.sha1(str(root).encode()).hexdigest()[:16] + ".json")
+    cache = _cache_dir() / (hashlib.sha1(os.fsencode(root)).hexdigest()[:16] + ".json")
     entries = None
     if use_cache and cache.exists():
         try:

@@ -438,3 +438,22 @@ def test_cli_evaluate_checks_the_report_path_before_decoding(tmp_path, tiny_chec
                                  str(tiny_checkpoint), "--decoder", "greedy", "--report", str(report)])
     assert r.exit_code == 1 and decoded == []
     assert r.stderr.strip() == f"Error: --report {report}: cannot write there (No such file or directory)"
+
+
+def test_file_names_that_are_not_utf8_work(tmp_path, tiny_checkpoint):
+    """Linux names are bytes: a Latin-1 folder name (caf\\xe9) is as usable as any other."""
+    import os
+
+    root = tmp_path / os.fsdecode(b"caf\xe9") / "corpus"
+    chapter(root, "13", "1", ["13-1-0001 TEN OF CLUBS"], {"13-1-0001": "0001.flac"})
+    audio = root / "13" / "1" / "13-1-0001.flac"
+    assert load_audio(audio).shape == load_audio(CARDS / "9301-1-0001.flac").shape
+    [u], problems = scan_corpus(root, Vocab())
+    assert problems == [] and u.path == str(audio.resolve())
+    r = CliRunner().invoke(cli, ["evaluate", "--data", str(root), "--model", str(tiny_checkpoint),
+                                 "--decoder", "greedy", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["utterances"] == 1
+    r = CliRunner().invoke(cli, ["transcribe", "--model", str(tiny_checkpoint), "--decoder", "greedy",
+                                 str(audio)])
+    assert r.exit_code == 0, r.output
