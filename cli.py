@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -27,6 +28,15 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return rv
+
+
+class NonEmptyPath(click.Path):
+    """click.Path that refuses "" (which would otherwise mean the default, or the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value:
+            self.fail("an empty path is not a path.", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 THREADS = click.IntRange(1, 1024)  # far more makes OpenMP crash instead of erring
@@ -87,7 +97,7 @@ def decoder_options(fn):
         click.option("--decoder", type=click.Choice(["beam", "greedy"]), default="beam",
                      show_default=True, help="beam: CTC beam search with a word n-gram language "
                      "model; greedy: best path, no language model (faster, spells by ear)."),
-        click.option("--lm", "lm_path", type=click.Path(dir_okay=False),
+        click.option("--lm", "lm_path", type=NonEmptyPath(dir_okay=False),
                      help="Word n-gram LM for --decoder beam: ARPA, plain or .gz "
                      "(default: models/lm.arpa.gz)."),
         click.option("--beam-size", type=click.IntRange(min=1),
@@ -161,13 +171,13 @@ def cli():
 
 @cli.command()
 @click.argument("audio", nargs=-1, required=True)
-@click.option("--model", "model_path", help="Checkpoint (default: models/bigru.pt, or "
+@click.option("--model", "model_path", type=NonEmptyPath(), help="Checkpoint (default: models/bigru.pt, or "
               "models/gru-stream.pt with --stream).")
 @click.option("--format", "fmt", type=click.Choice(["txt", "json", "srt", "vtt", "jsonl"]),
               default="txt", show_default=True,
               help="Output format; jsonl (with --stream): every partial and final event, one per "
               "line, as `asr listen --format jsonl` prints them.")
-@click.option("--output-dir", type=click.Path(file_okay=False),
+@click.option("--output-dir", type=NonEmptyPath(file_okay=False),
               help="Write one file per input (NAME.FORMAT) here instead of printing.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=THREADS,
@@ -219,7 +229,9 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
 
     failed = 0
     show_bar = len(audio) > 1 and not stream
-    for path in tqdm(audio, disable=not show_bar, unit="file", file=sys.stderr, leave=False):
+    # disable=None: no bar when stderr is not a terminal (a log file would get its redraws)
+    for path in tqdm(audio, disable=None if show_bar else True, unit="file", file=sys.stderr,
+                     leave=False):
         events = None  # jsonl events of --stream --output-dir
         try:
             if stream:
@@ -263,7 +275,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
 
 
 @cli.command()
-@click.option("--model", "model_path", help="Streaming checkpoint (default: models/gru-stream.pt).")
+@click.option("--model", "model_path", type=NonEmptyPath(), help="Streaming checkpoint (default: models/gru-stream.pt).")
 @click.option("--input-device", help="Microphone: device ID or part of its name (default: the "
               "system's default input).")
 @click.option("--list-devices", is_flag=True, help="List the input devices and exit.")
@@ -273,7 +285,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
               "(default: text on a terminal, jsonl otherwise).")
 @click.option("--max-seconds", type=FiniteFloatRange(min=0, min_open=True),
               help="Stop after this much audio (default: until Ctrl-C).")
-@click.option("--save-audio", type=click.Path(dir_okay=False), help="Also save the audio (16-bit WAV).")
+@click.option("--save-audio", type=NonEmptyPath(dir_okay=False), help="Also save the audio (16-bit WAV).")
 @precision_option
 @decoder_options
 def listen(model_path, input_device, list_devices, chunk_ms, endpoint_ms, speaker_changes, fmt,
@@ -325,10 +337,10 @@ def _augment_kinds(ctx, param, value: str) -> str:
 
 
 @cli.command()
-@click.option("--train", "train_paths", multiple=True, required=True,
+@click.option("--train", "train_paths", type=NonEmptyPath(), multiple=True, required=True,
               help="Training corpus folder (repeatable); PATH:WEIGHT repeats it WEIGHT times per epoch.")
-@click.option("--dev", "dev_paths", multiple=True, help="Dev corpus folder for WER (repeatable).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--dev", "dev_paths", type=NonEmptyPath(), multiple=True, help="Dev corpus folder for WER (repeatable).")
+@click.option("--out", required=True, type=NonEmptyPath(file_okay=False), help="Run folder.")
 @click.option("--arch", type=click.Choice(["bigru", "gru"]), default="bigru", show_default=True,
               help="bigru: bidirectional, offline; gru: unidirectional, streaming.")
 @click.option("--cell", type=click.Choice(["gru", "lstm", "rnn"]), default="gru", show_default=True)
@@ -357,10 +369,10 @@ def _augment_kinds(ctx, param, value: str) -> str:
               callback=_augment_kinds,
               help="Augmentations to use, comma-separated: speed, gain, noise, specaugment, freqmask (SpecAugment's "
                    "frequency masks alone), vtlp; or none.")
-@click.option("--init-from", type=click.Path(dir_okay=False),
+@click.option("--init-from", type=NonEmptyPath(dir_okay=False),
               help="Start from this checkpoint's weights and feature statistics (a new run with its "
                    "own recipe, e.g. fine-tuning with other augmentation).")
-@click.option("--teacher", type=click.Path(dir_okay=False),
+@click.option("--teacher", type=NonEmptyPath(dir_okay=False),
               help="Distil from this model: add the frame-wise KL divergence from its CTC posteriors "
                    "(e.g. the offline BiGRU's) to the student's CTC loss.")
 @click.option("--distill-weight", type=FiniteFloatRange(min=0, min_open=True), default=1.0,
@@ -426,8 +438,12 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
         _fail(f"out of {'GPU ' if device != 'cpu' else ''}memory: start a new run with a smaller "
               f"--batch-seconds (now {batch_seconds:g})")
     except OSError as e:
-        _fail(f"training stopped: {e.strerror or e} ({e.filename or out}); "
-              f"the last complete checkpoint is kept, continue with --resume")
+        from asr.train import latest_checkpoint
+
+        kept = latest_checkpoint(Path(out)) if Path(out).is_dir() else None
+        _fail(f"training stopped: {e.strerror or e} ({e.filename or out}); " +
+              (f"the last complete checkpoint ({kept.name}) is kept, continue with --resume"
+               if kept else "no checkpoint was written"))
     except TrainingInterrupted as e:
         click.echo(f"\ninterrupted: {e}; continue with --resume", err=True)
         raise SystemExit(130) from None
@@ -439,11 +455,11 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
 
 
 @cli.command()
-@click.option("--data", "data_paths", multiple=True, required=True,
+@click.option("--data", "data_paths", type=NonEmptyPath(), multiple=True, required=True,
               help="LibriSpeech-layout corpus folder (repeatable).")
-@click.option("--model", "model_path", help="Checkpoint (default: the shipped model for the path).")
+@click.option("--model", "model_path", type=NonEmptyPath(), help="Checkpoint (default: the shipped model for the path).")
 @click.option("--stream", is_flag=True, help="Decode through the streaming path (100 ms chunks).")
-@click.option("--report", type=click.Path(dir_okay=False), help="Write one JSON line per utterance.")
+@click.option("--report", type=NonEmptyPath(dir_okay=False), help="Write one JSON line per utterance.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--worst", type=click.IntRange(min=0), default=5, show_default=True,
               help="Aligned ref/hyp of the N worst utterances (text format).")
@@ -493,7 +509,7 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
         utts = sample_utterances(utts, sample)
     from tqdm import tqdm
 
-    with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(utts), unit="utt", file=sys.stderr, leave=False, disable=None) as bar:
         try:
             rep = evaluate_utterances(lm, utts, stream=stream, progress=bar.update, beam=beam,
                                       skip_bad=skip_bad)
@@ -540,8 +556,8 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
 
 
 @cli.command()
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("checkpoints", nargs=-1, required=True, type=NonEmptyPath(dir_okay=False))
+@click.argument("output", type=NonEmptyPath(dir_okay=False))
 @click.option("--float32", "full", is_flag=True, help="Keep float32 weights (default: float16).")
 def export(checkpoints, output, full):
     """Write an inference-only copy of a training checkpoint (small; float16 by default).

@@ -155,7 +155,8 @@ def test_missing_model_file(tmp_path):
 @pytest.mark.parametrize("args", [
     ["--format", "docx"], ["--threads", "0"], ["--threads", "100000"], ["--device", "tpu"],
     ["--precision", "int4"], ["--no-such-option"], ["--lm-weight", "nan"], ["--lm-weight", "inf"],
-    ["--word-score", "nan"], ["--word-score", "-inf"], []])
+    ["--word-score", "nan"], ["--word-score", "-inf"], ["--model", ""], ["--output-dir", ""],
+    ["--lm", ""], []])
 def test_usage_errors_exit_2(args):
     r = transcribe(*args, *([AUDIO] if args else []))
     assert r.exit_code == 2

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -221,6 +222,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_stops_clearly(corpus, refer
     assert r.exit_code == 1
     [line] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
     assert "No space left on device" in line and failed["target"] in line and "--resume" in line
+    assert re.search(r"the last complete checkpoint \(step-\d{8}\.pt\) is kept", line), line
     # the checkpoints written before are all there, byte for byte, and no temporary file is left
     after = {p.name: p.read_bytes() for p in (run / CKPT_DIR).iterdir()}
     assert after == failed["before"] and after
@@ -269,3 +271,14 @@ def test_audio_that_breaks_during_training_stops_with_the_file_named(corpus, tmp
     assert "\n" not in message and str(victim) in message and "--resume" in message
     # the steps trained so far are kept
     assert assert_checkpoints_complete(tmp_path / "run") >= 1
+
+
+def test_a_run_that_cannot_write_its_first_checkpoint_does_not_promise_one(corpus, tmp_path, monkeypatch):
+    def save(obj, f, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(torch, "save", save)
+    r = run_cli(train_args(corpus, tmp_path / "run"))
+    assert r.exit_code == 1
+    [line] = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert "Read-only file system" in line and line.endswith("no checkpoint was written")
