@@ -519,6 +519,8 @@ def evaluate(data_paths, model_path, stream, report, fmt, worst, device, threads
         click.echo(f"skipped {len(rep.skipped)} utterance(s) whose audio failed to decode "
                    f"(--skip-bad), e.g. {rep.skipped[0]}", err=True)
         skipped += len(rep.skipped)
+        if not rep.utterances:
+            _fail("none of the utterances could be decoded (--skip-bad left them all out)")
     if report:
         lines = "".join(json.dumps({"id": r.id, "ref": r.ref, "hyp": r.hyp, "errors": r.errors,
                                     "ref_words": r.ref_words}) + "\n" for r in rep.utterances)

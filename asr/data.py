@@ -509,5 +509,8 @@ def feature_stats(dataset: SpeechDataset, max_utts: int = 1000, seed: int = 0) -
                 raise
             continue
         acc.add(log_mel(wave, dataset.fcfg))
+    if acc.n == 0:
+        raise AudioError(f"none of the {len(chosen)} utterances sampled for the feature statistics "
+                         f"could be decoded")
     return acc.stats()
 

@@ -683,16 +683,27 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
         plot(force=final)
         return path
 
+    dev_warned: set[str] = set()  # dev utterances --skip-bad has already warned about
+
     def evaluate() -> None:
         """Collective: each rank decodes a shard of the dev set; rank 0 logs and keeps the best."""
         if not dev_utts:
             return
         lm = LoadedModel(model, fcfg, stats, vocab)
         shard = dev_utts[dist_info.rank::world]
-        hyps = [""] * len(dev_utts)
-        for r, part in enumerate(_all_gather(decode_utterances(lm, shard) if shard else [], world)):
+        hyps: list[str | None] = [""] * len(dev_utts)
+        skipped: list[tuple[str, str]] | None = [] if cfg.skip_bad else None
+        mine = decode_utterances(lm, shard, skipped=skipped) if shard else []
+        for uid, message in skipped or []:
+            if uid not in dev_warned:
+                dev_warned.add(uid)
+                tqdm.write(f"warning: dev utterance {uid} left out (--skip-bad): {message}", file=sys.stderr)
+        for r, part in enumerate(_all_gather(mine, world)):
             hyps[r::world] = part
-        ec = error_counts([u.text for u in dev_utts], hyps)
+        scored = [(u.text, h) for u, h in zip(dev_utts, hyps, strict=True) if h is not None]
+        if not scored:
+            raise AudioError("no dev utterance could be decoded (--skip-bad left them all out)")
+        ec = error_counts([ref for ref, _ in scored], [h for _, h in scored])
         row = {"step": state.step, "epoch": state.epoch, "dev_wer": ec.wer, "dev_cer": ec.cer}
         state.history.append(row)
         improved = selection_score(ec.wer, ec.cer) < selection_score(state.best_wer, state.best_cer)
@@ -729,7 +740,9 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 worker_init_fn=_quiet_worker if cfg.num_workers else None,
                 generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
             batches = _batches(loader, stop)
+            whole_epoch, seen, stepped = state.batch_in_epoch == 0, False, False
             for batch in batches:
+                seen = True
                 for uid, message in batch["skipped"]:  # --skip-bad: damage the scan could not see
                     tqdm.write(f"warning: left {uid} out of a batch (--skip-bad): {message}", file=sys.stderr)
                 if batch["feats"] is None:  # every utterance of the batch failed to decode
@@ -742,6 +755,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                     group["lr"] = lr
                 loss_value, grad_norm = train_step(ddp_model, opt, scaler, batch, device, cfg.clip_norm,
                                                   teacher)
+                stepped = True
                 state.step += 1
                 state.batch_in_epoch += 1
                 if cfg.debug_ranks:
@@ -795,6 +809,9 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 if state.step >= total_steps:
                     break
             else:
+                if whole_epoch and seen and not stepped:  # --skip-bad left every batch out: it never would step
+                    raise AudioError(f"no batch of epoch {state.epoch} could be decoded (--skip-bad "
+                                     f"left every utterance out)")
                 # the epoch ran out: evaluate, checkpoint, move on
                 state.epoch += 1
                 state.batch_in_epoch = 0

@@ -457,3 +457,15 @@ def test_file_names_that_are_not_utf8_work(tmp_path, tiny_checkpoint):
     r = CliRunner().invoke(cli, ["transcribe", "--model", str(tiny_checkpoint), "--decoder", "greedy",
                                  str(audio)])
     assert r.exit_code == 0, r.output
+
+
+def test_cli_evaluate_with_nothing_decodable_is_an_error_not_a_zero_wer(tmp_path, tiny_checkpoint):
+    _, cut = damaged_corpus(tmp_path / "c")
+    for i in (1, 2, 3):
+        f = tmp_path / "c" / "14" / "1" / f"14-1-000{i}.flac"
+        f.write_bytes(cut.read_bytes())
+    r = CliRunner().invoke(cli, ["evaluate", "--data", str(tmp_path / "c"), "--model", str(tiny_checkpoint),
+                                 "--decoder", "greedy", "--skip-bad"])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines()[-1] == ("Error: none of the utterances could be decoded "
+                                                 "(--skip-bad left them all out)")

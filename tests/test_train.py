@@ -239,6 +239,43 @@ def test_audio_damaged_past_its_header_stops_training_or_is_skipped(corpora, ref
     assert len(warnings) == 1 and "9301-1-0003" in warnings[0] and str(damaged) in warnings[0]
 
 
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 5])
+
+
+def test_skip_bad_covers_the_dev_set_too(corpora, tmp_path, capsys):
+    import shutil
+
+    dev = tmp_path / "dev"
+    shutil.copytree(corpora[1], dev)
+    _truncate(next(dev.rglob("9300-1-0093.flac")))
+    run = tmp_path / "run"
+    train(tiny_config(corpora, run, dev=(str(dev),), skip_bad=True, max_steps=6))
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "(--skip-bad)" in ln]
+    assert len(warnings) == 1 and "dev utterance 9300-1-0093 left out" in warnings[0]
+    assert [m["step"] for m in metrics(run) if m["event"] == "dev"] == [3, 6]
+
+
+def test_skip_bad_with_nothing_decodable_stops_in_one_line(corpora, reference_run, tmp_path):
+    import shutil
+
+    from asr.audio import AudioError
+
+    root = tmp_path / "train"
+    shutil.copytree(corpora[0], root)
+    for f in root.rglob("*.flac"):
+        _truncate(f)
+    cfg = tiny_config(corpora, tmp_path / "fresh", train=(str(root),), skip_bad=True)
+    with pytest.raises(AudioError, match=r"^none of the 7 utterances sampled for the feature "
+                       r"statistics could be decoded"):
+        train(cfg)
+    warm = replace(cfg, out=str(tmp_path / "warm"), init_from=str(reference_run / CKPT_DIR / "step-00000007.pt"))
+    with pytest.raises(AudioError, match=r"training stopped: no batch of epoch 0 could be decoded "
+                       r"\(--skip-bad left every utterance out\)"):
+        train(warm)
+
+
 # ----------------------------------------------------------------------------- several processes
 
 DDP_DRIVER = """
