@@ -740,9 +740,9 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 worker_init_fn=_quiet_worker if cfg.num_workers else None,
                 generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
             batches = _batches(loader, stop)
-            whole_epoch, seen, stepped = state.batch_in_epoch == 0, False, False
+            whole_epoch, any_batch, stepped = state.batch_in_epoch == 0, False, False
             for batch in batches:
-                seen = True
+                any_batch = True
                 for uid, message in batch["skipped"]:  # --skip-bad: damage the scan could not see
                     tqdm.write(f"warning: left {uid} out of a batch (--skip-bad): {message}", file=sys.stderr)
                 if batch["feats"] is None:  # every utterance of the batch failed to decode
@@ -809,7 +809,7 @@ def _train(cfg: TrainConfig, resume: bool, on_step: Callable[[int], None] | None
                 if state.step >= total_steps:
                     break
             else:
-                if whole_epoch and seen and not stepped:  # --skip-bad left every batch out: it never would step
+                if whole_epoch and any_batch and not stepped:  # --skip-bad left every batch out: it never would step
                     raise AudioError(f"no batch of epoch {state.epoch} could be decoded (--skip-bad "
                                      f"left every utterance out)")
                 # the epoch ran out: evaluate, checkpoint, move on
