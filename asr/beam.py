@@ -53,8 +53,10 @@ class BeamConfig:
         for name in ("beam_threshold", "lm_weight", "word_score", "sil_score"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, not {getattr(self, name)!r}")
-        if self.lm_weight < 0 or self.beam_threshold <= 0:
-            raise ValueError("lm_weight must be at least 0 and beam_threshold above 0")
+        if self.lm_weight < 0:
+            raise ValueError(f"lm_weight must be at least 0, not {self.lm_weight!r}")
+        if self.beam_threshold <= 0:
+            raise ValueError(f"beam_threshold must be above 0, not {self.beam_threshold!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
