@@ -1,7 +1,8 @@
 """`asr`: command-line front end over the `asr` library (transcribe, listen, train, evaluate, export).
 
 Exit codes: 0 success; 1 an input, model or corpus could not be used (one-line message on stderr);
-2 invalid command-line usage; 130 training interrupted after saving a checkpoint.
+2 invalid command-line usage (a bad value, or options that do not go together); 130 interrupted
+(training after saving a checkpoint; `listen` before capture started).
 """
 
 from __future__ import annotations
@@ -20,8 +21,23 @@ def _fail(msg: str) -> None:
     raise click.ClickException(msg)
 
 
+def _usage(msg: str) -> None:
+    """Options that do not go together: invalid usage (exit 2, with the command's usage line)."""
+    raise click.UsageError(msg, click.get_current_context(silent=True))
+
+
 class FiniteFloatRange(click.FloatRange):
     """click.FloatRange that also refuses nan and inf (which pass its bound checks)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class FiniteFloat(click.types.FloatParamType):
+    """A float with no bounds but finite (FiniteFloatRange() would show a range "x<=None")."""
 
     def convert(self, value, param, ctx):
         rv = super().convert(value, param, ctx)
@@ -64,7 +80,7 @@ def _load(model_path: str | None, streaming: bool, device: str = "cpu", precisio
         import torch
 
         if precision != "float32":
-            _fail(f"--precision {precision} is for --device cpu (on a GPU the model is fast in float32)")
+            _usage(f"--precision {precision} is for --device cpu (on a GPU the model is fast in float32)")
         if not torch.cuda.is_available():
             _fail("--device cuda: no CUDA GPU is available")
     try:
@@ -104,7 +120,7 @@ def decoder_options(fn):
                      help="Hypotheses kept per frame (default: 128)."),
         click.option("--lm-weight", type=FiniteFloatRange(min=0),
                      help="Weight of the LM's log10 probabilities (default: tuned on dev)."),
-        click.option("--word-score", type=FiniteFloatRange(),
+        click.option("--word-score", type=FiniteFloat(),
                      help="Score added per word; higher favours more words (default: tuned on dev)."),
     ]
     for option in reversed(options):
@@ -139,7 +155,7 @@ def _beam_config(decoding, vocab):
     decoder, lm_path, beam_size, lm_weight, word_score = decoding
     if decoder == "greedy":
         if any(v is not None for v in (lm_path, beam_size, lm_weight, word_score)):
-            _fail("--lm, --beam-size, --lm-weight and --word-score need --decoder beam")
+            _usage("--lm, --beam-size, --lm-weight and --word-score need --decoder beam")
         return None
     from asr.beam import DEFAULT_LM, BeamConfig, load_lexicon
     from asr.lm import LMError
@@ -203,7 +219,7 @@ def transcribe(audio, model_path, fmt, output_dir, device, threads, stream, real
     from asr.transcribe import format_transcript, transcribe_file
 
     if fmt == "jsonl" and not stream:
-        _fail("--format jsonl is the event stream of --stream; use --format json for a "
+        _usage("--format jsonl is the event stream of --stream; use --format json for a "
               "whole-file transcript")
     _threads(threads, streaming=stream)
     lm = _load(model_path, streaming=stream, device=device, precision=precision)
@@ -417,7 +433,7 @@ def train(train_paths, dev_paths, out, arch, cell, hidden_size, num_layers, conv
     from asr.train import train as run_training
 
     if not teacher and (distill_weight != 1.0 or distill_delay):
-        _fail("--distill-weight and --distill-delay need --teacher (the model to distil from)")
+        _usage("--distill-weight and --distill-delay need --teacher (the model to distil from)")
     _threads(threads)
     cfg = TrainConfig(train=tuple(train_paths), dev=tuple(dev_paths), out=out, arch=arch, cell=cell,
                       hidden_size=hidden_size, num_layers=num_layers, conv_channels=conv_channels,

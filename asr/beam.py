@@ -37,7 +37,7 @@ END_FRAME_LOGP = -1e4  # log-probability of every token but space in the frame t
 class BeamConfig:
     """Beam search settings; the defaults are the ones tuned on the dev splits."""
 
-    lm_path: str = str(DEFAULT_LM)  # word n-gram LM, ARPA text (plain or .gz) or KenLM binary
+    lm_path: str = str(DEFAULT_LM)  # word n-gram LM, ARPA text (plain or .gz)
     beam_size: int = 128  # hypotheses kept after each frame
     beam_size_token: int = 12  # most likely tokens tried per frame
     beam_threshold: float = 20.0  # drop hypotheses this far (natural log) below the best

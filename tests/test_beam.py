@@ -255,11 +255,39 @@ def test_cli_beam_is_the_default_and_greedy_still_works(overfit_models):
     assert r.output.strip() == ref
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lm", "no/such/lm.arpa"], "no such language model file"),
-    (["--decoder", "greedy", "--lm-weight", "0.3"], "need --decoder beam"),
+def test_library_transcribe_matches_the_cli_with_either_decoder(overfit_models, tmp_path):
+    """`asr.transcribe` is greedy unless given a BeamConfig; with BeamConfig() it prints what the
+    command prints by default."""
+    from click.testing import CliRunner
+    from conftest import SAMPLES
+
+    import asr
+    from cli import cli
+
+    lm = asr.load_model(overfit_models["bigru"])
+    audio = str(SAMPLES / "9300-1-0088.flac")
+    for decoder, beam in (("beam", asr.BeamConfig()), ("greedy", None)):
+        r = CliRunner().invoke(cli, ["transcribe", "--model", str(overfit_models["bigru"]),
+                                     "--decoder", decoder, audio])
+        assert r.exit_code == 0, r.output
+        t = asr.transcribe(lm, audio, beam=beam)
+        assert t.text and r.output.strip() == t.text
+    # the given config is the one searched: an LM without "disposed" cannot spell it
+    words = "he was not an ill young man dispose".split()
+    arpa = tmp_path / "small.arpa"
+    arpa.write_text(f"\\data\\\nngram 1={len(words) + 3}\nngram 2=1\n\n\\1-grams:\n"
+                    "-1.0\t<s>\t-0.3\n-1.0\t</s>\n-1.5\t<unk>\n"
+                    + "".join(f"-1.0\t{w}\t-0.3\n" for w in words)
+                    + "\n\\2-grams:\n-0.5\t<s> he\n\n\\end\\\n")
+    small = asr.transcribe(lm, audio, beam=asr.BeamConfig(lm_path=str(arpa))).text
+    assert "disposed" in t.text and "disposed" not in small.split()
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["--lm", "no/such/lm.arpa"], "no such language model file", 1),
+    (["--decoder", "greedy", "--lm-weight", "0.3"], "need --decoder beam", 2),  # usage
 ])
-def test_cli_decoder_option_errors_are_one_line(overfit_models, args, message):
+def test_cli_decoder_option_errors_are_one_line(overfit_models, args, message, code):
     from click.testing import CliRunner
     from conftest import SAMPLES
 
@@ -267,7 +295,7 @@ def test_cli_decoder_option_errors_are_one_line(overfit_models, args, message):
 
     r = CliRunner().invoke(cli, ["transcribe", "--model", str(overfit_models["bigru"]), *args,
                                  str(SAMPLES / "9302-1-0000.flac")])
-    assert r.exit_code == 1
+    assert r.exit_code == code
     assert message in r.output and "Traceback" not in r.output
 
 

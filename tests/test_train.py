@@ -518,7 +518,7 @@ def test_teacher_pulls_a_new_student_towards_its_posteriors(overfit_corpus, over
     assert r.exit_code == 1 and "subsampling 4 (not 2)" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "bad" / "checkpoints").exists()
     r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "bad"), "--distill-delay", "3"])
-    assert r.exit_code == 1 and "need --teacher" in r.output and not (tmp_path / "bad").exists()
+    assert r.exit_code == 2 and "need --teacher" in r.output and not (tmp_path / "bad").exists()
 
 
 def test_cmn_window_trains_on_the_features_it_transcribes_with_and_is_kept(overfit_corpus, overfit_models,
