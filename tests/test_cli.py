@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 
+import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
@@ -50,7 +52,9 @@ def test_group_help_lists_every_command():
 
 
 def test_version():
-    assert re.search(r"\d+\.\d+\.\d+", ok(run("--version")).output)
+    from importlib.metadata import version
+
+    assert ok(run("--version")).output.endswith(f" version {version('asr-gru')}\n")
 
 
 TS = r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)"
@@ -113,6 +117,69 @@ def test_subtitles_parse_with_monotonic_times_inside_the_audio(overfit_models, f
     for a, b, _ in cues:
         assert last_end <= a < b <= DURATION + 1e-3
         last_end = b
+
+
+def test_long_file_words_keep_their_place_across_decoding_windows(overfit_models, tmp_path):
+    """Past 30 s the offline model decodes window by window (cut in the quietest 200 ms): words of
+    a later window must come out at their true place in the file, none lost, and the captions
+    must break at the pauses."""
+    from asr.audio import load_audio
+    from asr.transcribe import MAX_WINDOW_S, iter_windows
+
+    sr = 16000
+    x, y = load_audio(AUDIO), load_audio(SAMPLES / "9301-1-0005.flac")
+    clip_wave = {AUDIO: x, SAMPLES / "9301-1-0005.flac": y}.__getitem__
+    gap = np.zeros(25 * sr, np.float32)
+    wave = np.concatenate([x, gap, y, gap, x, np.zeros(sr, np.float32)])
+    path = tmp_path / "long.flac"
+    sf.write(path, wave, sr)
+    starts = [a for a, _ in iter_windows([wave])]
+    assert len(wave) / sr > 2 * MAX_WINDOW_S and len(starts) >= 3
+
+    def words(p):
+        d = json.loads(ok(transcribe("--model", overfit_models["bigru"], "--decoder", "greedy",
+                                     "--format", "json", p)).stdout)
+        return d, [(w["word"], w["start"], w["end"]) for w in d["words"]]
+
+    d, long_words = words(path)
+    assert d["duration"] == pytest.approx(len(wave) / sr, abs=1e-3)
+    assert all(a[2] <= b[1] for a, b in zip(long_words, long_words[1:], strict=False))
+    assert all(0 <= s < e <= d["duration"] for _, s, e in long_words)
+    # each clip's words where the clip lies in the file (the model learned the clips, not what
+    # long silence does to their first and last letters: half the words may differ per clip)
+    for clip, offset in ((AUDIO, 0), (SAMPLES / "9301-1-0005.flac", len(x) + len(gap)),
+                         (AUDIO, 2 * len(gap) + len(x) + len(y))):
+        alone = words(clip)[1]
+        here = [w for w in long_words if offset / sr - 0.5 <= w[1] < (offset + len(clip_wave(clip))) / sr]
+        match = difflib.SequenceMatcher(a=[w for w, _, _ in alone], b=[w for w, _, _ in here],
+                                        autojunk=False)
+        pairs = [(alone[b.a + k], here[b.b + k]) for b in match.get_matching_blocks()
+                 for k in range(b.size)]
+        assert len(pairs) >= max(4, len(alone) // 2), (alone, here)
+        for (_, s_alone, _), (_, s_here, _) in pairs:
+            assert s_here == pytest.approx(s_alone + offset / sr, abs=0.05)  # within about a frame
+    cues = parse_cues(ok(transcribe("--model", overfit_models["bigru"], "--decoder", "greedy",
+                                    "--format", "srt", path)).stdout, ",")
+    assert len(cues) >= 3 and all(b - a <= 6.0 + 1e-6 for a, b, _ in cues)
+    assert all(c2[0] - c1[1] > 1.0 for c1, c2 in zip(cues, cues[1:], strict=False)
+               if c2[0] > c1[1] + 5)  # the 25 s pauses separate cues
+
+
+def test_captions_break_at_pauses_word_counts_and_durations():
+    from asr.decoding import Word
+    from asr.transcribe import _ts, cues
+
+    def w(start, length=0.3):
+        return Word("w", start, start + length, 1.0)
+
+    # 14 quick words: 12 then 2; a pause of over 1 s; 10 slow words spanning more than 6 s
+    words = [w(0.4 * i) for i in range(14)] + [w(10 + 0.7 * i) for i in range(10)]
+    got = cues(words)
+    assert [len(text.split()) for _, _, text in got] == [12, 2, 9, 1]
+    assert got[1] == (0.4 * 12, 0.4 * 13 + 0.3, "w w")
+    assert got[2][0] == 10 and got[2][1] - got[2][0] <= 6.0
+    assert cues([]) == []
+    assert _ts(3725.5, ",") == "01:02:05,500" and _ts(59.9996, ".") == "00:01:00.000"
 
 
 def test_output_dir_writes_one_file_per_input_and_format(overfit_models, tmp_path):
