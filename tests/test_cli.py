@@ -286,6 +286,26 @@ def test_stream_needs_a_unidirectional_model(overfit_models):
     assert "--stream needs a unidirectional model" in r.stderr
 
 
+def test_listen_needs_a_unidirectional_model(overfit_models):
+    """Refused before any microphone is opened (so also on a machine without one)."""
+    r = CliRunner().invoke(cli, ["listen", "--model", str(overfit_models["bigru"])])
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (f"Error: {overfit_models['bigru']}: listen needs a unidirectional "
+                                "model (e.g. models/gru-stream.pt)")
+
+
+def test_missing_default_lm_says_what_to_do(overfit_models, monkeypatch, tmp_path):
+    import asr.beam
+
+    monkeypatch.setattr(asr.beam, "DEFAULT_LM", tmp_path / "lm.arpa.gz")
+    r = run("transcribe", "--model", overfit_models["bigru"], AUDIO)  # the beam decoder, the default
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (f"Error: default language model {tmp_path / 'lm.arpa.gz'} is missing: "
+                                "reinstall from a full checkout, pass one with --lm, or use "
+                                "--decoder greedy")
+    assert ok(transcribe("--model", overfit_models["bigru"], AUDIO)).stdout == TEXT + "\n"  # greedy
+
+
 @pytest.mark.parametrize("flag", [False, True])
 def test_speaker_changes_reaches_the_streaming_session(overfit_models, monkeypatch, flag):
     """`--speaker-changes` turns on the session's running-mean restart at endpoints (its effect:

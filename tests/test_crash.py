@@ -162,15 +162,17 @@ def test_ctrl_c_and_random_sigkills_never_lose_the_run(corpus, reference, tmp_pa
     assert f"interrupted: stopped at step {stopped}; checkpoint " in err
     assert stopped < STEPS
 
-    # SIGKILL at random moments while it checkpoints after every step
+    # SIGKILL at random moments while it checkpoints after every step: 1-3 steps into the resumed
+    # run, then a random part of a step later (a fixed sleep could outlast a fast machine's run)
     rng = random.Random(1234)
     for _ in range(2):
         before = assert_checkpoints_complete(run)
         proc = spawn([*args, "--resume"])
-        started = wait_for(lambda b=before: any(
-            int(p.stem.split("-")[1]) > b for p in (run / CKPT_DIR).glob("step-*.pt")), proc)
-        assert started, "the run ended before it could be killed"
-        time.sleep(rng.uniform(0.0, 0.3))
+        target = before + rng.randint(1, 3)
+        started = wait_for(lambda t=target: any(
+            int(p.stem.split("-")[1]) >= t for p in (run / CKPT_DIR).glob("step-*.pt")), proc)
+        assert started and target < STEPS, "the run ended before it could be killed"
+        time.sleep(rng.uniform(0.0, 0.03))
         proc.kill()
         proc.communicate(timeout=900)
         assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished

@@ -273,3 +273,78 @@ def test_partial_events_do_not_regroup_the_stream(random_stream_model):
     assert events and all(e.kind == "partial" and e.words == [] for e in events)
     session.flush()
     assert session.decoder.emissions == []
+
+
+class _Terminal:
+    """A text stream that says it is a terminal, recording what was written."""
+
+    def __init__(self, tty: bool = True):
+        self.text, self.tty = "", tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_text_printer_redraws_the_partial_line_and_keeps_finals(monkeypatch):
+    """What `asr listen` shows on a terminal: the partial line rewritten in place (a shorter one
+    blanks the old tail), the final line kept; into a pipe only the final lines."""
+    import os
+
+    from asr.live import EventPrinter
+    from asr.streaming import StreamEvent
+
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *a: os.terminal_size((30, 24)))
+    events = [StreamEvent("partial", "eight of", 0, 1, 0), StreamEvent("partial", "eight off spa", 0, 2, 0),
+              StreamEvent("final", "eight of", 0, 2, 0),
+              StreamEvent("partial", "a " * 20 + "four", 3, 9, 1)]
+    term = _Terminal()
+    printer = EventPrinter("text", term)
+    for ev in events:
+        printer(ev)
+    # the long partial shows its newest 29 characters (one line of a 30-column terminal)
+    assert term.text == "\reight of\reight off spa\reight of     \n\r" + ("a " * 20 + "four")[-29:]
+    pipe = _Terminal(tty=False)
+    printer = EventPrinter("text", pipe)
+    for ev in events:
+        printer(ev)
+    assert pipe.text == "eight of\n"
+
+
+def test_cli_endpoint_and_chunk_options_reach_the_stream(paused_stream_model, tmp_path):
+    """`transcribe --stream --endpoint-ms 3000` keeps a 1.5 s pause inside one utterance, the
+    default 800 closes it there; --chunk-ms changes how often partials come, not the finals.
+    (The tiny model's first letters after the pause come late: 2.3 s without a letter.)"""
+    import json
+
+    import soundfile as sf
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    wave, _ = _two_utterances()
+    path = tmp_path / "two.flac"
+    sf.write(path, wave, RATE)
+
+    def events(*args):
+        r = CliRunner().invoke(cli, ["transcribe", "--stream", "--format", "jsonl", "--decoder",
+                                     "greedy", "--model", str(paused_stream_model), *args, str(path)])
+        assert r.exit_code == 0, r.output
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    def finals_of(evs):
+        return [(e["utterance"], e["text"]) for e in evs if e["type"] == "final"]
+
+    default, long_pause = events(), events("--endpoint-ms", "3000")
+    assert [u for u, _ in finals_of(default)] == [0, 1]
+    assert [u for u, _ in finals_of(long_pause)] == [0]
+    assert finals_of(long_pause)[0][1] == " ".join(t for _, t in finals_of(default))
+    coarse = events("--chunk-ms", "1000")
+    assert finals_of(coarse) == finals_of(default)
+    partials = [sum(e["type"] == "partial" for e in evs) for evs in (default, coarse)]
+    assert partials[1] < partials[0] / 3, partials
