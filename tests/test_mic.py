@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -147,7 +148,7 @@ def test_listen_on_virtual_microphone_matches_file_streaming(virtual_mic, paused
     max_seconds = LEAD_S + duration + 6.0
     mic = Listener(virtual_mic, "--model", str(model), "--max-seconds", str(max_seconds),
                    "--format", "jsonl", "--save-audio", str(saved))
-    mic.wait_for(lambda ln: ln.startswith("listening on"))
+    banner = mic.wait_for(lambda ln: ln.startswith("listening on"))
     time.sleep(LEAD_S)
     _play(virtual_mic, audio)
     assert mic.finish() == 0, mic.output()
@@ -162,7 +163,13 @@ def test_listen_on_virtual_microphone_matches_file_streaming(virtual_mic, paused
     cer_mic, cer_file = jiwer.cer(ref, heard), jiwer.cer(ref, streamed)
     assert cer_file < 0.1, streamed  # the overfit model knows this utterance
     assert cer_mic - cer_file <= 0.05, f"mic: {heard!r}  file: {streamed!r}"
-    assert "input overflows" in "".join(mic.stderr)  # reported (a loaded machine may drop some)
+    # the closing summary: what was heard, from which device (a loaded machine may drop blocks)
+    summary = re.search(r"listened ([\d.]+) s from '([^']*)' at (\d+) Hz, (\d+) utterances, "
+                        r"(\d+) input overflows", "".join(mic.stderr))
+    assert summary, mic.output()
+    assert float(summary[1]) == pytest.approx(max_seconds, abs=0.2)
+    assert banner.startswith(f"listening on '{summary[2]}' at {summary[3]} Hz")
+    assert int(summary[4]) == len(finals)
 
     info = sf.info(str(saved))
     assert info.subtype == "PCM_16" and info.channels == 1

@@ -162,9 +162,14 @@ def test_learning_rate_warms_up_then_decays():
 
 
 def test_cli_refuses_to_start_over_an_existing_run(corpora, reference_run):
+    """A new run pointed at a finished one changes none of its files (checkpoints, metrics, plot)."""
+    before = {p: p.read_bytes() for p in reference_run.rglob("*") if p.is_file()}
+    assert any(p.suffix == ".pt" for p in before) and any(p.name == "metrics.jsonl" for p in before)
     r = CliRunner().invoke(cli, ["train", "--train", str(corpora[0]), "--out", str(reference_run),
                                  "--max-steps", "1"])
-    assert r.exit_code == 1 and "--resume" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.stderr.strip().startswith("Error: ") and "--resume" in r.stderr
+    assert {p: p.read_bytes() for p in reference_run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("weight", ["0", "-1", "nan", "inf"])
