@@ -275,6 +275,20 @@ def test_partial_events_do_not_regroup_the_stream(random_stream_model):
     assert session.decoder.emissions == []
 
 
+def test_a_final_event_drops_its_utterance_from_the_decoder(paused_stream_model):
+    """Per-chunk work stays bounded by the current utterance in an endless stream: when an
+    endpoint closes an utterance its emissions leave the decoder."""
+    session = StreamingSession(load_model(paused_stream_model), endpoint_ms=800)
+    wave, _ = _two_utterances()
+    held = []  # emissions the decoder holds after each chunk, and whether a final came
+    for s in range(0, len(wave), 1600):
+        new = session.push(wave[s:s + 1600])
+        held.append((len(session.decoder.emissions), any(e.kind == "final" for e in new)))
+    at = next(i for i, (_, final) in enumerate(held) if final)
+    assert held[at - 1][0] > 20  # the first utterance's 36 letters were held until its endpoint
+    assert held[at][0] < 5  # and dropped with its final
+
+
 class _Terminal:
     """A text stream that says it is a terminal, recording what was written."""
 
