@@ -9,11 +9,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import jiwer
 import pytest
 import soundfile as sf
 from conftest import ROOT, SAMPLES, sample_reference
+
+from asr.live import OVERFLOW_WARN_S
 
 pytestmark = pytest.mark.slow
 
@@ -78,13 +81,17 @@ def test_sustained_input_overflows_warn_and_never_stop_listening(paused_stream_m
     max_seconds = LEAD_S + sf.info(str(audio)).duration + 3.0
     env = {**os.environ, "FAKE_MIC_AUDIO": str(audio), "FAKE_MIC_LEAD_S": str(LEAD_S),
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "cli", "listen", "--model", str(paused_stream_model),
                         "--max-seconds", f"{max_seconds:.2f}", "--format", "jsonl"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: input overflow")]
-    assert 1 <= len(warnings) <= 3, r.stderr  # said, but not once per block (~100 blocks)
+    # said, but not once per block (~100 blocks): at most once per OVERFLOW_WARN_S of wall time,
+    # however slowly a loaded machine ran it
+    assert 1 <= len(warnings) <= 1 + elapsed // OVERFLOW_WARN_S, r.stderr
     assert "--chunk-ms" in warnings[0]
     summary = re.search(r"(\d+) input overflows", r.stderr)
     assert summary and int(summary.group(1)) >= int(max_seconds * 10), r.stderr  # all counted
