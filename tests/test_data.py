@@ -440,7 +440,7 @@ def test_cli_evaluate_checks_the_report_path_before_decoding(tmp_path, tiny_chec
     assert r.stderr.strip() == f"Error: --report {report}: cannot write there (No such file or directory)"
 
 
-def test_file_names_that_are_not_utf8_work(tmp_path, tiny_checkpoint):
+def test_file_names_that_are_not_utf8_work(tmp_path, tiny_checkpoint, overfit_models):
     """Linux names are bytes: a Latin-1 folder name (caf\\xe9) is as usable as any other."""
     import os
 
@@ -454,9 +454,22 @@ def test_file_names_that_are_not_utf8_work(tmp_path, tiny_checkpoint):
                                  "--decoder", "greedy", "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["utterances"] == 1
-    r = CliRunner().invoke(cli, ["transcribe", "--model", str(tiny_checkpoint), "--decoder", "greedy",
-                                 str(audio)])
-    assert r.exit_code == 0, r.output
+    # and a user's file there gets its transcript, printed or written beside it
+    import shutil
+
+    from conftest import OVERFIT_IDS, SAMPLES, sample_reference
+
+    stem = OVERFIT_IDS[0]
+    clip = shutil.copy(SAMPLES / f"{stem}.flac", tmp_path / os.fsdecode(b"caf\xe9") / "clip.flac")
+    model = str(overfit_models["bigru"])
+    r = CliRunner().invoke(cli, ["transcribe", "--model", model, "--decoder", "greedy", str(clip)])
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert r.stdout == sample_reference(stem).lower() + "\n"
+    r = CliRunner().invoke(cli, ["transcribe", "--model", model, "--decoder", "greedy", "--output-dir",
+                                 str(tmp_path / os.fsdecode(b"caf\xe9")), str(clip)])
+    assert r.exit_code == 0 and r.stdout == "", r.output
+    assert (tmp_path / os.fsdecode(b"caf\xe9") / "clip.txt").read_text() == \
+        sample_reference(stem).lower() + "\n"
 
 
 def test_cli_evaluate_with_nothing_decodable_is_an_error_not_a_zero_wer(tmp_path, tiny_checkpoint):
