@@ -154,3 +154,34 @@ def test_save_audio_replaces_the_file_when_complete(tmp_path):
     info = sf.info(str(path))
     assert info.frames == 16000 and info.subtype == "PCM_16"
     assert [p.name for p in tmp_path.iterdir()] == ["talk.wav"]
+
+
+def test_input_device_is_found_by_id_name_or_part_of_a_name(monkeypatch):
+    """`--input-device`: an ID, an exact name (even when it is part of another's), or a part of
+    one name; several partial matches and no match are one-line errors naming the fix."""
+    import asr.mic
+    from asr.mic import InputDevice, MicrophoneError, resolve_device
+
+    devices = [InputDevice(0, "HDA Intel PCH: ALC3246 Analog", 2, 44100, "ALSA", False),
+               InputDevice(3, "USB Audio", 1, 48000, "ALSA", False),
+               InputDevice(4, "USB Audio Device 2", 1, 48000, "ALSA", False),
+               InputDevice(7, "pulse", 32, 44100, "ALSA", True)]
+    monkeypatch.setattr(asr.mic, "list_devices", lambda: devices)
+    assert resolve_device(None).index == 7 and resolve_device("").index == 7
+    assert resolve_device(3).index == 3 and resolve_device("4").index == 4
+    assert resolve_device("alc3246").index == 0  # part of a name, any case
+    assert resolve_device("usb audio").index == 3  # the exact name wins over a longer one
+    for spec, message in (("usb", "'usb' matches several input devices (3 'USB Audio', 4 'USB Audio "
+                                  "Device 2'); give the ID"),
+                          ("9", "no input device with ID 9"), ("webcam", "no input device matches "
+                                                                         "'webcam'")):
+        with pytest.raises(MicrophoneError) as e:
+            resolve_device(spec)
+        assert str(e.value).startswith(message) and "asr listen --list-devices" in str(e.value)
+        assert "\n" not in str(e.value)
+    monkeypatch.setattr(asr.mic, "list_devices", lambda: [d for d in devices if not d.is_default])
+    with pytest.raises(MicrophoneError, match="no default input device; pick one with --input-device"):
+        resolve_device(None)
+    monkeypatch.setattr(asr.mic, "list_devices", lambda: [])
+    with pytest.raises(MicrophoneError, match="no audio input device found"):
+        resolve_device("usb")
