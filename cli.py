@@ -26,8 +26,8 @@ def _usage(msg: str) -> None:
     raise click.UsageError(msg, click.get_current_context(silent=True))
 
 
-class FiniteFloatRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf (which pass its bound checks)."""
+class _Finite:
+    """Mixin for click float types: also refuse nan and inf (which pass FloatRange's bound checks)."""
 
     def convert(self, value, param, ctx):
         rv = super().convert(value, param, ctx)
@@ -36,14 +36,12 @@ class FiniteFloatRange(click.FloatRange):
         return rv
 
 
-class FiniteFloat(click.types.FloatParamType):
+class FiniteFloatRange(_Finite, click.FloatRange):
+    """A bounded float, finite."""
+
+
+class FiniteFloat(_Finite, click.types.FloatParamType):
     """A float with no bounds but finite (FiniteFloatRange() would show a range "x<=None")."""
-
-    def convert(self, value, param, ctx):
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return rv
 
 
 class NonEmptyPath(click.Path):

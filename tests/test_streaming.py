@@ -3,6 +3,7 @@ and the shared live loop (Ctrl-C flushes)."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import jiwer
@@ -289,17 +290,12 @@ def test_a_final_event_drops_its_utterance_from_the_decoder(paused_stream_model)
     assert held[at][0] < 5  # and dropped with its final
 
 
-class _Terminal:
-    """A text stream that says it is a terminal, recording what was written."""
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal (or not)."""
 
     def __init__(self, tty: bool = True):
-        self.text, self.tty = "", tty
-
-    def write(self, s: str) -> None:
-        self.text += s
-
-    def flush(self) -> None:
-        pass
+        super().__init__()
+        self.tty = tty
 
     def isatty(self) -> bool:
         return self.tty
@@ -322,12 +318,12 @@ def test_text_printer_redraws_the_partial_line_and_keeps_finals(monkeypatch):
     for ev in events:
         printer(ev)
     # the long partial shows its newest 29 characters (one line of a 30-column terminal)
-    assert term.text == "\reight of\reight off spa\reight of     \n\r" + ("a " * 20 + "four")[-29:]
+    assert term.getvalue() == "\reight of\reight off spa\reight of     \n\r" + ("a " * 20 + "four")[-29:]
     pipe = _Terminal(tty=False)
     printer = EventPrinter("text", pipe)
     for ev in events:
         printer(ev)
-    assert pipe.text == "eight of\n"
+    assert pipe.getvalue() == "eight of\n"
 
 
 def test_cli_endpoint_and_chunk_options_reach_the_stream(paused_stream_model, tmp_path):
